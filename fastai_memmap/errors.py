@@ -1,0 +1,83 @@
+"""Exception hierarchy of fastai_memmap.
+
+Every error raised on bad input derives from :class:`MemmapError` *and* from the builtin
+that a caller would naturally catch (``FileNotFoundError``, ``ValueError``, ``IndexError``...),
+so ``except ValueError`` keeps working for code that does not know this package.
+
+Messages follow one pattern: *what* (the file or argument), *expected*, *found*, and the
+likely fix, e.g.::
+
+    /data/x/shard-000000.npy: expected 4096000 data bytes for 1000 rows of (1024,) float32,
+    found 2048000; file truncated (writer not closed?)
+"""
+
+__all__ = [
+    "MemmapError", "StoreNotFoundError", "StoreExistsError", "WriterConflictError",
+    "FormatError", "TruncatedStoreError", "ShardMismatchError", "UnsafePathError",
+    "UnsupportedDtypeError", "ChecksumError", "RowIndexError", "RowIndexTypeError",
+    "ItemShapeError", "StoreWriteError", "StoreChangedError", "MemoryBudgetError",
+]
+
+
+class MemmapError(Exception):
+    "Base class of every error raised by fastai_memmap."
+
+
+class StoreNotFoundError(MemmapError, FileNotFoundError):
+    "A store, its manifest or one of its shards does not exist."
+
+
+class StoreExistsError(MemmapError, FileExistsError):
+    "A writer was pointed at an existing store without `overwrite=True`."
+
+
+class WriterConflictError(MemmapError, FileExistsError):
+    "Another writer (process or thread) is writing the same target right now."
+
+
+class FormatError(MemmapError, ValueError):
+    "A manifest or `.npy` header is malformed, of an unknown version, or disagrees with its data."
+
+
+class TruncatedStoreError(FormatError):
+    "A shard file is shorter or longer than its header says (crash while writing? disk full?)."
+
+
+class ShardMismatchError(FormatError):
+    "Shards of one store disagree on dtype or item shape, or a shard disagrees with the manifest."
+
+
+class UnsafePathError(MemmapError, ValueError):
+    "A shard name escapes the store directory (absolute, `..`, symlink out of the store)."
+
+
+class UnsupportedDtypeError(MemmapError, TypeError):
+    "A dtype that cannot be memory-mapped safely (object, structured/void, non-native layout...)."
+
+
+class ChecksumError(MemmapError, ValueError):
+    "A shard's content does not match the checksum recorded when it was written."
+
+
+class RowIndexError(MemmapError, IndexError):
+    "A row index is out of range for the store."
+
+
+class RowIndexTypeError(MemmapError, TypeError):
+    "A row index is not an integer (or integer array, slice)."
+
+
+class ItemShapeError(MemmapError, ValueError):
+    "A batch or item passed to a writer or item list does not have the expected shape or dtype."
+
+
+class StoreWriteError(MemmapError, OSError):
+    "Writing a store failed at the OS level (disk full, file too large, I/O error); nothing was committed."
+
+
+class StoreChangedError(MemmapError, OSError):
+    "A store's file changed size while it was open (replaced or truncated by another process)."
+
+
+class MemoryBudgetError(MemmapError, MemoryError):
+    "Loading data into RAM would exceed the memory available."

@@ -1,0 +1,312 @@
+"""The fastai_memmap store: on-disk format, version 1.
+
+A *store* holds N rows ("items") of one dtype and one item shape, e.g. 1,000,000 rows of
+(3, 64, 64) uint8. It reads as one virtual array of shape ``(N, *item_shape)`` by global
+row index, even when it spans several files.
+
+Layout
+------
+A store is a directory::
+
+    my_store/
+        manifest.json        # the header: format, version, dtype, item shape, rows, shards
+        shard-000000.npy     # rows [0, r0)        -- each a valid .npy file, version 1.0
+        shard-000001.npy     # rows [r0, r0 + r1)
+        ...
+
+A bare ``.npy`` file (C order, simple dtype) also opens as a one-shard store without a manifest;
+it has no checksum.
+
+Shards
+------
+Each shard is a standard NumPy ``.npy`` file, format version 1.0 (see ``numpy.lib.format``):
+6 bytes magic ``\\x93NUMPY``, 2 bytes version ``\\x01\\x00``, a little-endian uint16 header length,
+then an ASCII Python-literal dict ``{'descr': ..., 'fortran_order': False, 'shape': (rows, *item_shape), }``
+padded with spaces and a final ``\\n`` so that the data starts at a multiple of ``ARRAY_ALIGN`` (64)
+bytes. The data follow in C order, ``rows * prod(item_shape) * itemsize`` bytes, nothing after.
+So ``np.load(shard, mmap_mode='r')`` reads any shard without this package.
+
+Writers reserve a fixed header size when a shard is opened (big enough for a 19-digit row count,
+``MAX_ROWS_DIGITS``) and rewrite the header in place, same length, when the shard is complete.
+
+Manifest
+--------
+``manifest.json`` is UTF-8 JSON (never pickle), an object with these keys:
+
+=============  ==========================================================================
+``format``     the string ``"fastai_memmap"`` (``FORMAT_NAME``)
+``version``    integer format version; this module reads ``1`` (``FORMAT_VERSION``)
+``kind``       ``"dense"`` (every row has ``item_shape``); other kinds are reserved
+``dtype``      NumPy dtype string with explicit byte order, e.g. ``"<f4"``, ``"|u1"``
+``item_shape`` list of non-negative ints, the shape of one row (``[]`` for scalars)
+``rows``       total number of rows, the sum of the shards' rows
+``shards``     list of ``{"file": name, "rows": int, "checksum": "sha256:<hex>"}``, in row order;
+               ``file`` is a bare file name inside the store directory (no ``/``, no ``..``);
+               the checksum covers the shard's data bytes (not its header)
+``meta``       free JSON object for the user and item lists (e.g. ``{"layout": "HWC",
+               "classes": [...]}``)
+=============  ==========================================================================
+
+Validation at open (O(number of shards): one ``stat`` and one header read per shard) checks the
+format name and version, field types, the dtype (no object, structured/void or non-numeric
+dtypes), each shard's ``.npy`` header against the manifest (dtype, item shape, rows), each file
+size against ``header + rows * row_bytes``, and that shard names stay inside the directory.
+Checksums are checked only by ``verify()``: they need to read every byte.
+"""
+import ast
+import json
+import os
+import re
+import struct
+from dataclasses import dataclass, field, asdict
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .errors import (FormatError, ShardMismatchError, StoreNotFoundError, TruncatedStoreError,
+                     UnsafePathError, UnsupportedDtypeError)
+
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MANIFEST_NAME", "ARRAY_ALIGN", "ShardInfo", "Manifest",
+           "check_dtype", "npy_header_bytes", "read_npy_header", "shard_name", "describe"]
+
+FORMAT_NAME = "fastai_memmap"
+FORMAT_VERSION = 1            # bump on any change a version-1 reader would misread
+MANIFEST_NAME = "manifest.json"
+NPY_MAGIC = b"\x93NUMPY"      # numpy.lib.format.MAGIC_PREFIX
+ARRAY_ALIGN = 64              # numpy.lib.format.ARRAY_ALIGN: data start aligned for SIMD / mmap
+MAX_ROWS_DIGITS = 19          # len(str(2**63 - 1)): room reserved for the row count in a header
+MAX_MANIFEST_BYTES = 64 << 20  # a manifest larger than this is refused, not parsed
+MAX_NPY_HEADER = 10000        # numpy's own default max_header_size for untrusted headers
+KINDS = ("dense",)
+_SHARD_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+def check_dtype(dtype: Any, what: str = "dtype") -> np.dtype:
+    """Return `dtype` as a ``np.dtype`` if it can be memory-mapped safely.
+
+    Accepted: booleans, integers, unsigned integers, floats and complex numbers (any byte order).
+    Raises ``UnsupportedDtypeError`` (a ``TypeError``) for object, structured/void, string,
+    datetime and other dtypes: these need pickle or have no fixed numeric meaning.
+    """
+    try:
+        dt = np.dtype(dtype)
+    except TypeError as e:
+        raise UnsupportedDtypeError(f"{what}: expected a numeric numpy dtype, found {dtype!r} ({e})") from None
+    if dt.kind not in "biufc" or dt.fields is not None or dt.subdtype is not None:
+        raise UnsupportedDtypeError(
+            f"{what}: expected a numeric dtype (bool, int, uint, float, complex), found {dt!r}; "
+            "object, structured, string and datetime dtypes cannot be stored")
+    return dt
+
+
+def shard_name(i: int) -> str:
+    "File name of shard number `i` as written by `MemmapWriter`: ``shard-000000.npy``."
+    return f"shard-{i:06d}.npy"
+
+
+def _header_dict(dtype: np.dtype, shape: Tuple[int, ...]) -> str:
+    descr = np.lib.format.dtype_to_descr(dtype)
+    return "{'descr': %r, 'fortran_order': False, 'shape': %r, }" % (descr, tuple(shape))
+
+
+def npy_header_bytes(dtype: np.dtype, shape: Tuple[int, ...], reserve: bool = False,
+                     length: Optional[int] = None) -> bytes:
+    """Bytes of a version-1.0 ``.npy`` header for a C-order array of `dtype` and `shape`.
+
+    With ``reserve=True`` the header is sized for any row count up to ``2**63 - 1`` (so it can be
+    rewritten in place later); with `length` it is padded to exactly `length` bytes (a multiple of
+    ``ARRAY_ALIGN``). Raises ``FormatError`` if the header does not fit in `length`.
+    """
+    if reserve:
+        shape = (10 ** (MAX_ROWS_DIGITS - 1),) + tuple(shape[1:])
+    text = _header_dict(dtype, shape)
+    need = len(NPY_MAGIC) + 2 + 2 + len(text) + 1
+    total = length if length is not None else -(-need // ARRAY_ALIGN) * ARRAY_ALIGN
+    if need > total or total - 10 > 0xFFFF:
+        raise FormatError(f"npy header for shape {shape}: needs {need} bytes, only {total} reserved")
+    body = text + " " * (total - need) + "\n"
+    return NPY_MAGIC + b"\x01\x00" + struct.pack("<H", len(body)) + body.encode("latin1")
+
+
+def read_npy_header(path: Path) -> Tuple[np.dtype, Tuple[int, ...], int]:
+    """Read the header of the ``.npy`` file at `path`.
+
+    Returns ``(dtype, shape, data_offset)`` where `data_offset` is the header size in bytes.
+    Raises ``StoreNotFoundError`` if the file is missing, ``FormatError`` for a bad magic, an
+    unsupported version, an unparsable header or Fortran order, ``UnsupportedDtypeError`` for
+    non-numeric dtypes. Never unpickles anything.
+    """
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        raise StoreNotFoundError(f"{path}: shard file not found (store incomplete or moved?)") from None
+    with f:
+        magic = f.read(8)
+        if len(magic) < 8 or magic[:6] != NPY_MAGIC:
+            raise FormatError(f"{path}: expected .npy magic {NPY_MAGIC!r}, found {magic[:6]!r}; not a .npy file")
+        major = magic[6]
+        if major not in (1, 2, 3):
+            raise FormatError(f"{path}: expected .npy format version 1, 2 or 3, found {major}.{magic[7]}")
+        size_fmt = "<H" if major == 1 else "<I"
+        raw = f.read(struct.calcsize(size_fmt))
+        if len(raw) < struct.calcsize(size_fmt):
+            raise TruncatedStoreError(f"{path}: .npy header truncated after {8 + len(raw)} bytes")
+        (hlen,) = struct.unpack(size_fmt, raw)
+        if hlen > MAX_NPY_HEADER:
+            raise FormatError(f"{path}: expected a .npy header of at most {MAX_NPY_HEADER} bytes, found {hlen}")
+        text = f.read(hlen)
+        offset = f.tell()
+    if len(text) < hlen:
+        raise TruncatedStoreError(f"{path}: expected a {hlen}-byte .npy header, found {len(text)} bytes")
+    try:
+        d = ast.literal_eval(text.decode("utf8" if major == 3 else "latin1"))
+    except (ValueError, SyntaxError, UnicodeDecodeError, MemoryError, RecursionError) as e:
+        raise FormatError(f"{path}: .npy header is not a Python literal dict ({type(e).__name__})") from None
+    if not isinstance(d, dict) or set(d) != {"descr", "fortran_order", "shape"}:
+        raise FormatError(f"{path}: expected .npy header keys descr, fortran_order, shape; found {d!r:.200}")
+    shape = d["shape"]
+    if not (isinstance(shape, tuple) and all(type(s) is int and s >= 0 for s in shape)):
+        raise FormatError(f"{path}: expected a tuple of non-negative ints as .npy shape, found {shape!r:.200}")
+    if d["fortran_order"] is not False:
+        raise FormatError(f"{path}: expected C order (fortran_order False), found {d['fortran_order']!r}; "
+                          "save with np.ascontiguousarray")
+    if not isinstance(d["descr"], str):
+        raise UnsupportedDtypeError(f"{path}: expected a simple numeric dtype, found descr {d['descr']!r:.200}")
+    dtype = check_dtype(d["descr"], what=str(path))
+    return dtype, shape, offset
+
+
+def _is_int(x: Any) -> bool:
+    return type(x) is int
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    "One shard of a store: file name (inside the store directory), row count, checksum or None."
+    file: str
+    rows: int
+    checksum: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The validated header of a store (see module docstring). Frozen: build a new one to change it.
+
+    `item_shape` is a tuple of ints, `dtype` a ``np.dtype``, `rows` the total row count,
+    `shards` a tuple of ``ShardInfo`` in row order, `meta` a JSON-compatible dict.
+    """
+    dtype: np.dtype
+    item_shape: Tuple[int, ...]
+    shards: Tuple[ShardInfo, ...]
+    meta: Dict[str, Any] = field(default_factory=dict)
+    kind: str = "dense"
+    version: int = FORMAT_VERSION
+
+    @property
+    def rows(self) -> int:
+        "Total number of rows (sum over shards)."
+        return sum(s.rows for s in self.shards)
+
+    @property
+    def row_bytes(self) -> int:
+        "Bytes of one row: ``prod(item_shape) * itemsize``."
+        return int(np.prod(self.item_shape, dtype=np.int64)) * self.dtype.itemsize
+
+    def to_dict(self) -> Dict[str, Any]:
+        "The manifest as a JSON-compatible dict (the exact content of ``manifest.json``)."
+        return {"format": FORMAT_NAME, "version": self.version, "kind": self.kind,
+                "dtype": self.dtype.str, "item_shape": list(self.item_shape), "rows": self.rows,
+                "shards": [{k: v for k, v in asdict(s).items() if v is not None} for s in self.shards],
+                "meta": self.meta}
+
+    def to_json(self) -> str:
+        "The manifest serialised as JSON text."
+        return json.dumps(self.to_dict(), indent=1, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = "manifest") -> "Manifest":
+        """Validate a parsed manifest and build a `Manifest`.
+
+        Raises ``FormatError`` for a wrong format name, version, kind, missing keys or fields of the
+        wrong type, ``UnsupportedDtypeError`` for a bad dtype, ``UnsafePathError`` for shard names
+        that would leave the store directory, ``ShardMismatchError`` when rows do not add up.
+        """
+        if not isinstance(d, dict):
+            raise FormatError(f"{where}: expected a JSON object, found {type(d).__name__}")
+        if d.get("format") != FORMAT_NAME:
+            raise FormatError(f"{where}: expected format {FORMAT_NAME!r}, found {d.get('format')!r}; not a fastai_memmap store")
+        if d.get("version") != FORMAT_VERSION:
+            raise FormatError(f"{where}: expected format version {FORMAT_VERSION}, found {d.get('version')!r}; "
+                              "written by a newer fastai_memmap? upgrade the package")
+        kind = d.get("kind", "dense")
+        if kind not in KINDS:
+            raise FormatError(f"{where}: expected kind in {KINDS}, found {kind!r}")
+        for key, typ in (("dtype", str), ("item_shape", list), ("rows", int), ("shards", list), ("meta", dict)):
+            if key not in d:
+                raise FormatError(f"{where}: expected key {key!r}, found keys {sorted(d)}")
+            if not isinstance(d[key], typ) or (typ is int and isinstance(d[key], bool)):
+                raise FormatError(f"{where}: expected {key!r} of type {typ.__name__}, found {type(d[key]).__name__}")
+        dtype = check_dtype(d["dtype"], what=f"{where}: dtype")
+        shape = d["item_shape"]
+        if not all(_is_int(s) and s >= 0 for s in shape):
+            raise FormatError(f"{where}: expected item_shape of non-negative ints, found {shape!r:.200}")
+        shards = tuple(cls._shard_from_dict(s, where) for s in d["shards"])
+        names = [s.file for s in shards]
+        if len(set(names)) != len(names):
+            raise FormatError(f"{where}: expected distinct shard files, found duplicates in {names!r:.200}")
+        m = cls(dtype=dtype, item_shape=tuple(shape), shards=shards, meta=d["meta"], kind=kind)
+        if m.rows != d["rows"]:
+            raise ShardMismatchError(f"{where}: expected rows == sum of shard rows, found rows={d['rows']} "
+                                     f"and shards summing to {m.rows}")
+        return m
+
+    @staticmethod
+    def _shard_from_dict(s: Any, where: str) -> ShardInfo:
+        if not isinstance(s, dict) or not isinstance(s.get("file"), str) or not _is_int(s.get("rows")):
+            raise FormatError(f"{where}: expected shard entries {{'file': str, 'rows': int}}, found {s!r:.200}")
+        name, rows, ck = s["file"], s["rows"], s.get("checksum")
+        if not _SHARD_RE.match(name) or name in (".", "..") or name == MANIFEST_NAME:
+            raise UnsafePathError(f"{where}: expected a bare file name inside the store for a shard, found {name!r}; "
+                                  "absolute paths, '/' and '..' are refused")
+        if rows < 0:
+            raise FormatError(f"{where}: shard {name}: expected rows >= 0, found {rows}")
+        if ck is not None and not (isinstance(ck, str) and re.match(r"^sha256:[0-9a-f]{64}$", ck)):
+            raise FormatError(f"{where}: shard {name}: expected checksum 'sha256:<64 hex>', found {ck!r:.100}")
+        return ShardInfo(name, rows, ck)
+
+    @classmethod
+    def load(cls, store_dir: Path) -> "Manifest":
+        "Read and validate ``store_dir/manifest.json`` (raises like `from_dict`, plus ``StoreNotFoundError``)."
+        path = Path(store_dir) / MANIFEST_NAME
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise StoreNotFoundError(f"{path}: manifest not found; expected a store directory written by "
+                                     "MemmapWriter (or a .npy file)") from None
+        if size > MAX_MANIFEST_BYTES:
+            raise FormatError(f"{path}: expected a manifest of at most {MAX_MANIFEST_BYTES} bytes, found {size}")
+        try:
+            d = json.loads(path.read_bytes().decode("utf8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise FormatError(f"{path}: expected UTF-8 JSON, found unparsable content ({e})") from None
+        return cls.from_dict(d, where=str(path))
+
+
+def confined_path(store_dir: Path, name: str) -> Path:
+    """Path of shard `name` inside `store_dir`; refuses symlinks that resolve outside the store.
+
+    Raises ``UnsafePathError``.
+    """
+    p = Path(store_dir) / name
+    if p.is_symlink():
+        target = p.resolve()
+        if Path(store_dir).resolve() not in target.parents:
+            raise UnsafePathError(f"{p}: expected a shard inside {store_dir}, found a symlink to {target}")
+    return p
+
+
+def describe(dtype: np.dtype, item_shape: Sequence[int], rows: Optional[int] = None) -> str:
+    "Human description such as ``1000 rows of (1024,) float32``."
+    s = f"{tuple(item_shape)} {np.dtype(dtype).name}"
+    return s if rows is None else f"{rows} rows of {s}"

@@ -1,0 +1,281 @@
+"""Reading a store: `MemmapArray`, one virtual array over every shard of a store."""
+import hashlib
+import os
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import numpy as np
+
+from .errors import (ChecksumError, RowIndexError, RowIndexTypeError, ShardMismatchError, StoreChangedError,
+                     StoreNotFoundError, TruncatedStoreError)
+from .format import MANIFEST_NAME, Manifest, ShardInfo, confined_path, describe, read_npy_header
+
+__all__ = ["MemmapArray", "open_memmap", "DEFAULT_MAX_OPEN"]
+
+DEFAULT_MAX_OPEN = 64       # mapped shards kept open at once; each mmap holds one file descriptor
+HASH_CHUNK = 16 << 20       # bytes hashed per read in verify(): big enough to amortise syscalls
+
+
+class MemmapArray:
+    """A read-only virtual array of shape ``(rows, *item_shape)`` over the shards of a store.
+
+    Open with ``MemmapArray.open(path)`` where `path` is a store directory, its ``manifest.json``,
+    or a bare C-order ``.npy`` file. Opening reads the manifest and each shard's ``.npy`` header and
+    checks file sizes (O(number of shards)); shards are memory-mapped lazily on first access and at
+    most `max_open` maps (hence file descriptors) are kept, least recently used first out.
+
+    Indexing (``a[i]``, ``a[i:j:k]``, ``a[[5, 2, 5]]``, ``a[np.array(...)]``, a boolean mask of
+    length ``len(a)``) always returns a new, owned, writable ``np.ndarray`` (a copy, never a view of
+    the read-only map) of dtype ``a.dtype``: shape ``item_shape`` for an int, ``(n, *item_shape)``
+    otherwise. Raises ``RowIndexError`` (an ``IndexError``) for out-of-range rows and
+    ``RowIndexTypeError`` (a ``TypeError``) for non-integer indices.
+
+    Pickling stores only the path and the manifest (a few hundred bytes, whatever the data size);
+    the unpickled copy (e.g. in a spawned DataLoader worker) maps the files again on first access.
+    After ``fork`` the child keeps using the parent's maps (same read-only pages, no copy).
+    """
+
+    def __init__(self, path: Union[str, Path], manifest: Manifest, offsets: Optional[List[int]] = None,
+                 max_open: int = DEFAULT_MAX_OPEN, _bare: bool = False):
+        self.path, self.manifest, self.max_open, self._bare = Path(path), manifest, int(max_open), _bare
+        rows = [s.rows for s in manifest.shards]
+        self._starts = np.concatenate([[0], np.cumsum(rows, dtype=np.int64)]).astype(np.int64)
+        self._offsets = offsets
+        self._maps: "OrderedDict[int, np.memmap]" = OrderedDict()
+
+    # ---------------------------------------------------------------- opening
+    @classmethod
+    def open(cls, path: Union[str, Path], max_open: int = DEFAULT_MAX_OPEN) -> "MemmapArray":
+        """Open the store at `path` (directory, ``manifest.json`` or ``.npy`` file) and validate it.
+
+        Raises ``StoreNotFoundError`` (missing path, manifest or shard), ``FormatError`` (bad manifest
+        or ``.npy`` header), ``TruncatedStoreError`` (file size differs from header),
+        ``ShardMismatchError`` (shard dtype/shape differs from the manifest), ``UnsafePathError``,
+        ``UnsupportedDtypeError``.
+        """
+        p = Path(path)
+        if p.name == MANIFEST_NAME:
+            p = p.parent
+        if p.is_dir():
+            m = Manifest.load(p)
+            offsets = [cls._check_shard(p, s, m) for s in m.shards]
+            return cls(p, m, offsets, max_open=max_open)
+        if p.is_file():
+            return cls._open_npy(p, max_open)
+        raise StoreNotFoundError(f"{p}: no store here; expected a store directory or a .npy file")
+
+    @classmethod
+    def _open_npy(cls, p: Path, max_open: int) -> "MemmapArray":
+        dtype, shape, offset = read_npy_header(p)
+        if len(shape) == 0:
+            raise ShardMismatchError(f"{p}: expected an array with a row axis, found a 0-d array")
+        m = Manifest(dtype=dtype, item_shape=tuple(shape[1:]), shards=(ShardInfo(p.name, shape[0]),),
+                     meta={})
+        _check_size(p, m, shape[0], offset)
+        return cls(p.parent, m, [offset], max_open=max_open, _bare=True)
+
+    @staticmethod
+    def _check_shard(store: Path, s: ShardInfo, m: Manifest) -> int:
+        fp = confined_path(store, s.file)
+        dtype, shape, offset = read_npy_header(fp)
+        if dtype != m.dtype or tuple(shape[1:]) != m.item_shape or not shape or shape[0] != s.rows:
+            raise ShardMismatchError(
+                f"{fp}: expected {describe(m.dtype, m.item_shape, s.rows)} as in the manifest, found "
+                f"shape {shape} {dtype.name}; shard replaced or manifest edited?")
+        _check_size(fp, m, s.rows, offset)
+        return offset
+
+    # ---------------------------------------------------------------- properties
+    @property
+    def dtype(self) -> np.dtype:
+        "Element dtype of every row."
+        return self.manifest.dtype
+
+    @property
+    def item_shape(self) -> Tuple[int, ...]:
+        "Shape of one row (no row axis)."
+        return self.manifest.item_shape
+
+    @property
+    def shape(self) -> Tuple[int, ...]:
+        "``(rows, *item_shape)``."
+        return (len(self),) + self.item_shape
+
+    @property
+    def ndim(self) -> int:
+        "``1 + len(item_shape)``."
+        return 1 + len(self.item_shape)
+
+    @property
+    def nbytes(self) -> int:
+        "Data bytes of the whole store (headers excluded)."
+        return len(self) * self.manifest.row_bytes
+
+    @property
+    def meta(self) -> Dict[str, Any]:
+        "The manifest's free-form ``meta`` dict (layout, classes...). Do not mutate."
+        return self.manifest.meta
+
+    @property
+    def shard_files(self) -> List[Path]:
+        "Paths of the shard files, in row order."
+        return [self.path / s.file for s in self.manifest.shards]
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def __repr__(self) -> str:
+        where = self.shard_files[0] if self._bare else self.path
+        return (f"MemmapArray({str(where)!r}, {describe(self.dtype, self.item_shape, len(self))}, "
+                f"{len(self.manifest.shards)} shard(s))")
+
+    # ---------------------------------------------------------------- pickling
+    def __reduce__(self):
+        return (_rebuild, (str(self.path), self.manifest.to_dict(), self._offsets, self.max_open, self._bare))
+
+    # ---------------------------------------------------------------- maps
+    def _map(self, k: int) -> np.ndarray:
+        m = self._maps.get(k)
+        if m is not None:
+            self._maps.move_to_end(k)
+            return m
+        s = self.manifest.shards[k]
+        shape = (s.rows,) + self.item_shape
+        if s.rows == 0 or self.manifest.row_bytes == 0:
+            return np.empty(shape, self.dtype)
+        fp = self.path / s.file
+        _check_size(fp, self.manifest, s.rows, self._offsets[k], changed=True)
+        m = np.memmap(fp, dtype=self.dtype, mode="r", offset=self._offsets[k], shape=shape)
+        self._maps[k] = m
+        while len(self._maps) > self.max_open:
+            self._maps.popitem(last=False)
+        return m
+
+    def close(self) -> None:
+        "Drop every map (and its file descriptor). The array stays usable: maps reopen on access."
+        self._maps.clear()
+
+    # ---------------------------------------------------------------- indexing
+    def __getitem__(self, key: Any) -> np.ndarray:
+        if isinstance(key, (int, np.integer)) and not isinstance(key, (bool, np.bool_)):
+            i = self._norm_int(int(key))
+            k = int(np.searchsorted(self._starts, i, side="right") - 1)
+            return np.array(self._map(k)[i - self._starts[k]])
+        if isinstance(key, slice):
+            return self.read(np.arange(len(self))[key])
+        if isinstance(key, tuple):
+            raise RowIndexTypeError(f"{self.path}: expected a row index (int, slice or int array), found a tuple "
+                                    f"{key!r:.100}; index rows first, then the returned array")
+        return self.read(key)
+
+    def _norm_int(self, i: int) -> int:
+        n = len(self)
+        if not -n <= i < n:
+            raise RowIndexError(f"{self.path}: row {i} out of range, expected -{n} <= row < {n}")
+        return i + n if i < 0 else i
+
+    def _norm_indices(self, idx: Any) -> np.ndarray:
+        a = np.asarray(idx)
+        if a.dtype == bool:
+            if a.shape != (len(self),):
+                raise RowIndexError(f"{self.path}: expected a boolean mask of shape ({len(self)},), found {a.shape}")
+            return np.flatnonzero(a)
+        if a.size == 0:
+            return np.zeros(0, np.int64)
+        if a.dtype.kind not in "iu":
+            raise RowIndexTypeError(f"{self.path}: expected integer row indices, found dtype {a.dtype}")
+        if a.ndim != 1:
+            raise RowIndexTypeError(f"{self.path}: expected a 1-d array of row indices, found shape {a.shape}")
+        a = a.astype(np.int64, copy=False)
+        n = len(self)
+        lo, hi = int(a.min()), int(a.max())
+        if lo < -n or hi >= n:
+            bad = lo if lo < -n else hi
+            raise RowIndexError(f"{self.path}: row {bad} out of range, expected -{n} <= row < {n}")
+        return np.where(a < 0, a + n, a) if lo < 0 else a
+
+    def read(self, indices: Any, out: Optional[np.ndarray] = None) -> np.ndarray:
+        """Gather rows `indices` (int array-like or boolean mask) into a new array (or into `out`).
+
+        Each shard involved is read once, rows in ascending order (good for disk readahead); the
+        result has the rows in the requested order, duplicates allowed. Returns an owned array of
+        shape ``(len(indices), *item_shape)`` and dtype ``self.dtype``; `out`, if given, must have
+        exactly that shape and dtype and is returned. Raises ``RowIndexError``,
+        ``RowIndexTypeError``, ``StoreChangedError`` (a shard shrank since opening).
+        """
+        idx = self._norm_indices(indices)
+        shape = (len(idx),) + self.item_shape
+        if out is None:
+            out = np.empty(shape, self.dtype)
+        elif out.shape != shape or out.dtype != self.dtype:
+            raise RowIndexError(f"{self.path}: expected out of shape {shape} {self.dtype}, found {out.shape} {out.dtype}")
+        if len(idx) == 0:
+            return out
+        order = np.argsort(idx, kind="stable")
+        sidx = idx[order]
+        bounds = np.searchsorted(sidx, self._starts)
+        for k in np.flatnonzero(np.diff(bounds)):
+            a, b = bounds[k], bounds[k + 1]
+            out[order[a:b]] = self._map(int(k))[sidx[a:b] - self._starts[k]]
+        return out
+
+    # ---------------------------------------------------------------- checks
+    def verify(self, progress: bool = False) -> None:
+        """Re-read every shard and compare it with the checksum recorded at write time.
+
+        Reads every data byte (cost: the store size in bytes). Raises ``ChecksumError`` naming the
+        first shard whose SHA-256 differs, ``TruncatedStoreError`` if a file changed size. Shards
+        without a recorded checksum (bare ``.npy`` files) are only size-checked.
+        """
+        shards = list(enumerate(self.manifest.shards))
+        if progress:
+            from fastprogress.fastprogress import progress_bar
+            shards = progress_bar(shards)
+        for k, s in shards:
+            fp = self.path / s.file
+            _check_size(fp, self.manifest, s.rows, self._offsets[k])
+            if s.checksum is None:
+                continue
+            found = "sha256:" + file_sha256(fp, self._offsets[k])
+            if found != s.checksum:
+                raise ChecksumError(f"{fp}: expected checksum {s.checksum}, found {found}; "
+                                    "data changed after writing (disk error or edited file)")
+
+
+def file_sha256(path: Path, offset: int) -> str:
+    "Hex SHA-256 of the bytes of `path` from `offset` to the end, read in 16 MiB chunks."
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(offset)
+        while True:
+            b = f.read(HASH_CHUNK)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+def _check_size(fp: Path, m: Manifest, rows: int, offset: int, changed: bool = False) -> None:
+    expect = offset + rows * m.row_bytes
+    try:
+        found = os.stat(fp).st_size
+    except FileNotFoundError:
+        raise StoreNotFoundError(f"{fp}: shard file not found (store incomplete, moved or replaced?)") from None
+    if found != expect:
+        what = f"{expect} bytes ({offset} header + {rows} rows of {describe(m.dtype, m.item_shape)})"
+        if changed:
+            raise StoreChangedError(f"{fp}: expected {what}, found {found}; file changed since the store was opened")
+        raise TruncatedStoreError(f"{fp}: expected {what}, found {found}; "
+                                  f"{'truncated (writer not closed?)' if found < expect else 'trailing bytes'}")
+
+
+def _rebuild(path: str, manifest: Dict[str, Any], offsets: List[int], max_open: int, bare: bool) -> MemmapArray:
+    if bare:  # a bare .npy: its name need not be a valid shard name, re-read its header instead
+        return MemmapArray._open_npy(Path(path) / manifest["shards"][0]["file"], max_open)
+    return MemmapArray(path, Manifest.from_dict(manifest, where=path), offsets, max_open=max_open)
+
+
+def open_memmap(path: Union[str, Path], max_open: int = DEFAULT_MAX_OPEN) -> MemmapArray:
+    "Shorthand for ``MemmapArray.open(path, max_open)``."
+    return MemmapArray.open(path, max_open=max_open)
