@@ -1,0 +1,10 @@
+"""fastai_memmap: memory-mapped (larger than RAM) and in-RAM datasets for fastai v1's data block API.
+
+Importing this package applies targeted fixes that make fastai 1.0.61 work on today's torch/numpy
+(see `fastai_memmap.compat`).
+"""
+from .version import __version__
+from .errors import *  # noqa: F401,F403  (the error hierarchy is part of the public API)
+from .format import Manifest, FORMAT_VERSION
+from .reader import MemmapArray, open_memmap
+from .writer import MemmapWriter, save_memmap
