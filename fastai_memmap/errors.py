@@ -15,7 +15,7 @@ __all__ = [
     "MemmapError", "StoreNotFoundError", "StoreExistsError", "WriterConflictError",
     "FormatError", "TruncatedStoreError", "ShardMismatchError", "UnsafePathError",
     "UnsupportedDtypeError", "ChecksumError", "RowIndexError", "RowIndexTypeError",
-    "ItemShapeError", "StoreWriteError", "StoreChangedError", "MemoryBudgetError",
+    "ItemShapeError", "StoreWriteError", "StoreChangedError", "MemoryBudgetError", "LabelError",
 ]
 
 
@@ -81,3 +81,7 @@ class StoreChangedError(MemmapError, OSError):
 
 class MemoryBudgetError(MemmapError, MemoryError):
     "Loading data into RAM would exceed the memory available."
+
+
+class LabelError(MemmapError, ValueError):
+    "Labels do not fit the task: class codes out of range, wrong label shape or dtype for classification."

@@ -1,0 +1,234 @@
+"""`MemmapItemList`: the rows of a store as items of fastai v1's data block API.
+
+Items are int64 row indices (a `RowIndex`, which also carries the store handle), never the data:
+splitting, filtering and pickling for DataLoader workers move indices, and every worker reads rows
+from the page cache through its own map of the same files.
+"""
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+from fastai.core import ItemBase
+from fastai.data_block import ItemList, PreProcessor
+from fastai.basic_data import DataBunch
+
+from .errors import ItemShapeError, MemmapError, ShardMismatchError
+from .format import describe
+from .reader import MemmapArray
+
+__all__ = ["RowIndex", "MemmapItem", "MemmapProcessor", "MemmapItemList", "open_store"]
+
+PathOrStore = Union[str, Path, MemmapArray]
+
+
+def open_store(path: PathOrStore) -> MemmapArray:
+    "`path` if it is already a `MemmapArray`, else ``MemmapArray.open(path)`` (raises its errors)."
+    return path if isinstance(path, MemmapArray) else MemmapArray.open(path)
+
+
+class RowIndex(np.ndarray):
+    """A 1-d int64 array of row numbers that remembers which store (`MemmapArray`) they index.
+
+    Slicing and fancy indexing keep the store (``__array_finalize__``), so a sub-list built by
+    fastai from ``list.items[idx]`` (splits, `add_test`) still reads the right file. Pickles as
+    the indices plus the store handle (path + manifest), never the data.
+    """
+
+    def __new__(cls, rows: Any, store: Optional[MemmapArray] = None) -> "RowIndex":
+        a = np.asarray(rows)
+        if a.size == 0:
+            a = a.astype(np.int64).reshape(0)
+        if a.dtype.kind not in "iu" or a.ndim != 1:
+            raise ItemShapeError(f"expected a 1-d array of integer row indices, found shape {a.shape} dtype {a.dtype}")
+        obj = a.astype(np.int64, copy=False).view(cls)
+        obj.store = store if store is not None else getattr(rows, "store", None)
+        return obj
+
+    def __array_finalize__(self, obj: Any) -> None:
+        self.store = getattr(obj, "store", None)
+
+    def __reduce__(self):
+        return (RowIndex, (np.asarray(self), self.store))
+
+
+class MemmapItem(ItemBase):
+    """One row of a store as a fastai item: `data` is a float tensor of the row's shape.
+
+    `obj` is the same tensor. `show` draws a line plot for 1-d rows and an image for 2-d/3-d rows.
+    """
+
+    def __init__(self, data: torch.Tensor):
+        self.data = self.obj = data
+
+    def __str__(self) -> str:
+        d = self.data
+        if d.numel() <= 6:
+            return str([round(v, 4) for v in d.flatten().tolist()])
+        return f"{tuple(d.shape)} mean={d.float().mean():.4g}"
+
+    def show(self, ax=None, title: Optional[str] = None, figsize=(3, 3), **kwargs) -> Any:
+        "Plot the row: 1-d as a line, 2-d as a grayscale image, 3-d (CHW or HWC) as an image."
+        import matplotlib.pyplot as plt
+        if ax is None:
+            _, ax = plt.subplots(figsize=figsize)
+        t = self.data.detach().cpu().float()
+        if t.ndim <= 1:
+            ax.plot(t.reshape(-1).numpy(), **kwargs)
+        else:
+            img = t.numpy()
+            if img.ndim == 3 and img.shape[0] in (1, 3, 4) and img.shape[-1] not in (1, 3, 4):
+                img = img.transpose(1, 2, 0)
+            if img.ndim == 3 and img.shape[-1] == 1:
+                img = img[..., 0]
+            if img.ndim == 3 and img.shape[-1] not in (3, 4):
+                img = img.mean(-1)
+            lo, hi = float(img.min()), float(img.max())
+            ax.imshow((img - lo) / (hi - lo) if hi > lo else img * 0, cmap="gray" if img.ndim == 2 else None)
+            ax.axis("off")
+        if title is not None:
+            ax.set_title(title)
+        return ax
+
+
+class MemmapProcessor(PreProcessor):
+    """Records a store's dtype and item shape, checks every list it processes against them.
+
+    Does not keep a reference to the dataset (fastai's ``PreProcessor.__init__`` would, and
+    `export` would then pickle it): the state is ``dtype`` (str), ``item_shape`` (tuple) and
+    ``meta`` (dict), so `load_learner` can check and convert raw items at predict time.
+    """
+
+    def __init__(self, ds: Optional["MemmapItemList"] = None):
+        store = getattr(ds, "store", None)
+        self.dtype = None if store is None else store.dtype.str
+        self.item_shape = None if store is None else tuple(store.item_shape)
+        self.meta = {} if store is None else dict(store.meta)
+
+    def process(self, ds: "MemmapItemList") -> None:
+        "Check that `ds`'s store has the dtype and item shape this processor was fitted on."
+        store = ds.store
+        if store is None or self.item_shape is None:
+            return
+        if tuple(store.item_shape) != self.item_shape or store.dtype.str != self.dtype:
+            raise ShardMismatchError(
+                f"{store.path}: expected rows of {describe(np.dtype(self.dtype), self.item_shape)} "
+                f"(as in the training store), found {describe(store.dtype, store.item_shape)}")
+
+    def process_one(self, item: Any) -> Any:
+        "Turn a raw row (ndarray, tensor, list) of the training item shape into a `MemmapItem`."
+        if isinstance(item, ItemBase):
+            return item
+        a = np.asarray(item.cpu() if isinstance(item, torch.Tensor) else item)
+        if self.item_shape is not None and tuple(a.shape) != self.item_shape:
+            raise ItemShapeError(f"predict: expected a row of shape {self.item_shape}, found {a.shape}")
+        return MemmapItem(torch.from_numpy(np.array(a, dtype=np.float32)))
+
+
+class MemmapItemList(ItemList):
+    """An `ItemList` over the rows of a store; create it with `MemmapItemList.from_memmap(path)`.
+
+    ``items`` is a `RowIndex` (int64 row numbers into `store`); ``get(i)`` reads row ``items[i]``
+    (a copy) and returns a `MemmapItem` holding a float32 tensor of shape ``store.item_shape``.
+    Functions given to ``label_from_func`` / ``filter_by_func`` receive the row number (an int).
+    """
+    _processor = MemmapProcessor
+    _bunch = DataBunch
+
+    def __init__(self, items: Any, store: Optional[MemmapArray] = None, **kwargs):
+        own = getattr(items, "store", None)   # rows from another store (add_test) keep their store
+        store = own if own is not None else store
+        super().__init__(RowIndex(items, store), **kwargs)
+        self.store = store
+        self.copy_new.append("store")
+
+    @classmethod
+    def from_memmap(cls, path: PathOrStore, rows: Optional[Any] = None, inner_df: Any = None,
+                    item_path: Optional[Union[str, Path]] = None, **kwargs) -> "MemmapItemList":
+        """Create a list over the store at `path` (directory, ``manifest.json``, ``.npy`` or `MemmapArray`).
+
+        Parameters
+        ----------
+        rows : int array-like, optional
+            Row numbers to use (default: every row, ``0 .. len(store) - 1``).
+        inner_df : DataFrame, optional
+            One row per *item* (aligned with `rows`), for ``label_from_df`` / ``split_from_df``.
+        item_path : path, optional
+            fastai's ``path`` (where ``models/`` and ``export.pkl`` go); default: the store's parent.
+
+        Raises the errors of ``MemmapArray.open``; ``ItemShapeError`` if `inner_df` is not aligned.
+        """
+        store = open_store(path)
+        rows = np.arange(len(store), dtype=np.int64) if rows is None else RowIndex(rows, store)
+        if len(rows) and (rows.min() < 0 or rows.max() >= len(store)):
+            raise ItemShapeError(f"{store.path}: expected rows in [0, {len(store)}), found {rows.min()}..{rows.max()}")
+        if inner_df is not None and len(inner_df) != len(rows):
+            raise ItemShapeError(f"{store.path}: expected inner_df with one row per item ({len(rows)}), found {len(inner_df)}")
+        item_path = Path(item_path) if item_path is not None else store.path.parent
+        return cls(RowIndex(rows, store), store=store, path=item_path, inner_df=inner_df, **kwargs)
+
+    def _store(self) -> MemmapArray:
+        if self.store is None:
+            raise MemmapError(f"{self.__class__.__name__} has no store (an empty list built by load_learner?); "
+                              "pass raw rows to learn.predict, or build the list with from_memmap")
+        return self.store
+
+    def get(self, i: int) -> MemmapItem:
+        "Row `self.items[i]` of the store as a `MemmapItem` (float32 tensor, a copy)."
+        return MemmapItem(torch.from_numpy(np.asarray(self._store()[int(self.items[i])], dtype=np.float32)))
+
+    def reconstruct(self, t: torch.Tensor, x: Any = None) -> MemmapItem:
+        "Rebuild a `MemmapItem` from its data `t`."
+        return MemmapItem(t)
+
+    def filter_by_func(self, func) -> "MemmapItemList":
+        "Only keep rows for which `func(row_number)` returns `True`."
+        keep = np.fromiter((bool(func(int(o))) for o in self.items), dtype=bool, count=len(self.items))
+        self.items = self.items[keep]
+        return self
+
+    def label_from_memmap(self, path: PathOrStore, classes: Optional[Any] = None, label_cls: Any = None,
+                          from_item_lists: bool = False, **kwargs):
+        """Label each item with the row of the same number in the label store at `path`.
+
+        Integer labels with `classes` (or ``meta['classes']`` in the label store, or integer dtype)
+        give classification (`MemmapCategoryList`); float labels give regression
+        (`MemmapFloatList`, any label shape). Raises ``ItemShapeError`` if the label store has fewer
+        rows than the item store, ``ValueError`` if the list is not split yet.
+        """
+        from .labels import label_cls_for
+        if not from_item_lists:
+            raise ValueError("Your data isn't split; call a split_* method (split_none for no validation set) first")
+        ystore = open_store(path)
+        xstore = self._store()
+        if len(ystore) < len(xstore):
+            raise ItemShapeError(f"{ystore.path}: expected at least {len(xstore)} label rows (one per row of "
+                                 f"{xstore.path}), found {len(ystore)}")
+        label_cls = label_cls or label_cls_for(ystore, classes, self)
+        y = label_cls(RowIndex(np.asarray(self.items), ystore), store=ystore, classes=classes,
+                      path=self.path, **kwargs)
+        return self._label_list(x=self, y=y)
+
+    def show_xys(self, xs, ys, imgsize: int = 4, figsize=None, **kwargs) -> None:
+        "Show the `xs` (inputs) and `ys` (targets) on a figure of `figsize`."
+        axs = _axes(len(xs), imgsize, figsize)
+        for x, y, ax in zip(xs, ys, axs):
+            x.show(ax=ax, title=str(y), **kwargs)
+
+    def show_xyzs(self, xs, ys, zs, imgsize: int = 4, figsize=None, **kwargs) -> None:
+        "Show `xs` (inputs), `ys` (targets) and `zs` (predictions) on a figure of `figsize`."
+        axs = _axes(len(xs), imgsize, figsize)
+        for x, y, z, ax in zip(xs, ys, zs, axs):
+            x.show(ax=ax, title=f"{y}\n{z}", **kwargs)
+
+
+def _axes(n: int, imgsize: int, figsize) -> list:
+    import matplotlib.pyplot as plt
+    cols = int(np.ceil(np.sqrt(max(n, 1))))
+    rows = int(np.ceil(max(n, 1) / cols))
+    fig, axs = plt.subplots(rows, cols, figsize=figsize or (imgsize * cols, imgsize * rows), squeeze=False)
+    axs = list(axs.flatten())
+    for ax in axs[n:]:
+        ax.axis("off")
+    fig.tight_layout()
+    return axs[:n]

@@ -1,0 +1,139 @@
+"""Label lists over a label store: classification codes (`MemmapCategoryList`) and float targets
+(`MemmapFloatList`), each a list of row numbers into the label store, like `MemmapItemList`."""
+from typing import Any, List, Optional
+
+import numpy as np
+import torch
+from fastai.core import Category, FloatItem
+from fastai.layers import CrossEntropyFlat, MSELossFlat
+from fastai.data_block import PreProcessor
+
+from .errors import LabelError
+from .items import MemmapItemList, MemmapProcessor
+from .reader import MemmapArray
+
+__all__ = ["MemmapLabelList", "MemmapCategoryList", "MemmapFloatList", "MemmapCategoryProcessor",
+           "label_cls_for", "CODE_CHUNK_ROWS"]
+
+CODE_CHUNK_ROWS = 1 << 20   # label rows checked per vectorised read (8 MiB of int64 codes)
+
+
+def _codes(store: MemmapArray, rows: np.ndarray) -> np.ndarray:
+    "Class codes of `rows` as one int64 array, read in chunks of `CODE_CHUNK_ROWS` (a copy)."
+    out = np.empty(len(rows), np.int64)
+    for a in range(0, len(rows), CODE_CHUNK_ROWS):
+        out[a:a + CODE_CHUNK_ROWS] = store.read(rows[a:a + CODE_CHUNK_ROWS]).reshape(-1)
+    return out
+
+
+def _check_code_store(store: MemmapArray) -> None:
+    if store.dtype.kind not in "biu" or int(np.prod(store.item_shape)) != 1:
+        raise LabelError(f"{store.path}: expected one integer class code per row for classification, found rows of "
+                         f"{store.item_shape} {store.dtype}; pass label_cls=MemmapFloatList for regression")
+
+
+class MemmapCategoryProcessor(PreProcessor):
+    """Holds the class names (a list) of a classification label store; checks codes are in range.
+
+    Class names come from, in order: the `classes` given to ``label_from_memmap``, ``meta['classes']``
+    of the label store, else ``range(max_code + 1)`` over the training labels (one vectorised pass).
+    """
+
+    def __init__(self, ds: Optional["MemmapCategoryList"] = None):
+        self.classes = None if ds is None else ds.classes
+        store = getattr(ds, "store", None)
+        if self.classes is None and store is not None:
+            _check_code_store(store)
+            self.classes = store.meta.get("classes")
+            if self.classes is None:
+                codes = _codes(store, np.asarray(ds.items))
+                self.classes = list(range(int(codes.max()) + 1 if len(codes) else 0))
+        if self.classes is not None:
+            self.classes = list(self.classes)
+
+    def process(self, ds: "MemmapCategoryList") -> None:
+        "Set `ds.classes`; raise ``LabelError`` if a code of `ds` is outside ``[0, len(classes))``."
+        ds.classes = self.classes
+        if ds.store is None or not len(ds.items):
+            return
+        _check_code_store(ds.store)
+        codes = _codes(ds.store, np.asarray(ds.items))
+        lo, hi = int(codes.min()), int(codes.max())
+        if lo < 0 or hi >= len(self.classes):
+            raise LabelError(f"{ds.store.path}: expected class codes in [0, {len(self.classes)}) for classes "
+                             f"{self.classes[:5]}..., found codes from {lo} to {hi}")
+
+
+class MemmapLabelList(MemmapItemList):
+    "Base of the label lists: items are row numbers into the label store `store`."
+
+    def __init__(self, items: Any, store: Optional[MemmapArray] = None, classes: Optional[List] = None, **kwargs):
+        super().__init__(items, store=store, **kwargs)
+        self.filter_missing_y = False   # codes are range-checked by the processor, no None labels
+
+
+class MemmapCategoryList(MemmapLabelList):
+    "`ItemList` of class codes read from a label store (single-label classification)."
+    _processor = MemmapCategoryProcessor
+
+    def __init__(self, items: Any, store: Optional[MemmapArray] = None, classes: Optional[List] = None, **kwargs):
+        super().__init__(items, store=store, **kwargs)
+        self.classes = None if classes is None else list(classes)
+        self.copy_new.append("classes")
+        self.loss_func = CrossEntropyFlat()
+
+    @property
+    def c(self) -> int:
+        return len(self.classes)
+
+    def get(self, i: int) -> Category:
+        "Class of item `i` as a fastai `Category` (code, name)."
+        code = int(self._store()[int(self.items[i])].reshape(-1)[0])
+        return Category(code, self.classes[code])
+
+    def analyze_pred(self, pred: torch.Tensor, thresh: float = 0.5) -> torch.Tensor:
+        "Index of the most likely class."
+        return pred.argmax()
+
+    def reconstruct(self, t: torch.Tensor, x: Any = None) -> Category:
+        "`Category` of code `t`."
+        return Category(t, self.classes[int(t)])
+
+
+class MemmapFloatList(MemmapLabelList):
+    """`ItemList` of float targets (regression) of any shape read from a label store.
+
+    ``c`` is the number of values per target (``prod(item_shape)``, 1 for scalars); the loss is
+    `MSELossFlat`, which flattens predictions ``(bs, c)`` and targets ``(bs, *item_shape)`` alike.
+    """
+    _processor = MemmapProcessor
+
+    def __init__(self, items: Any, store: Optional[MemmapArray] = None, classes: Optional[List] = None, **kwargs):
+        super().__init__(items, store=store, **kwargs)
+        self.loss_func = MSELossFlat()
+
+    @property
+    def c(self) -> int:
+        shape = self.store.item_shape if self.store is not None else self.processor[0].item_shape
+        return int(np.prod(shape)) if shape else 1
+
+    def get(self, i: int) -> FloatItem:
+        "Target of item `i` as a fastai `FloatItem` (float32 array of the label shape)."
+        return FloatItem(np.asarray(self._store()[int(self.items[i])], dtype=np.float32))
+
+    def reconstruct(self, t: torch.Tensor, x: Any = None) -> FloatItem:
+        "`FloatItem` of the values in `t`."
+        return FloatItem(t.numpy())
+
+
+def label_cls_for(ystore: MemmapArray, classes: Optional[List], x: MemmapItemList) -> type:
+    """Pick the label list class for `ystore`: segmentation masks for image lists whose label rows
+    are integer maps of the image's height × width, classification for integer or `classes`-given
+    labels, regression for float labels."""
+    from .images import MemmapImageList, MemmapSegmentationLabelList
+    if isinstance(x, MemmapImageList) and ystore.dtype.kind in "iu" and len(ystore.item_shape) >= 2 \
+            and tuple(ystore.item_shape[-2:]) == x.image_hw:
+        return MemmapSegmentationLabelList
+    if classes is not None or "classes" in ystore.meta or ystore.dtype.kind in "biu":
+        return MemmapCategoryList
+    return MemmapFloatList
