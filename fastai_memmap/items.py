@@ -49,7 +49,40 @@ class RowIndex(np.ndarray):
         self.store = getattr(obj, "store", None)
 
     def __reduce__(self):
-        return (RowIndex, (np.asarray(self), self.store))
+        return (_unpack_rows, (_pack_rows(np.asarray(self)), self.store))
+
+
+def _pack_rows(rows: np.ndarray) -> tuple:
+    """Compact picklable form of row numbers (what DataLoader workers receive under spawn).
+
+    ``('range', start, stop)`` for consecutive rows, ``('mask', start, bits)`` for strictly
+    increasing rows (one bit per row of the span, e.g. a training split), else the rows as the
+    smallest unsigned dtype that holds them (``u2``/``u4``) or int64.
+    """
+    n = len(rows)
+    if n == 0:
+        return ("array", rows.astype(np.int64))
+    lo, hi = int(rows.min()), int(rows.max())
+    d = np.diff(rows)
+    if lo >= 0 and (d == 1).all():
+        return ("range", lo, hi + 1)
+    if lo >= 0 and (d > 0).all() and (hi - lo + 1) < 64 * n:
+        bits = np.zeros(hi - lo + 1, bool)
+        bits[rows - lo] = True
+        return ("mask", lo, hi - lo + 1, np.packbits(bits))
+    small = np.uint16 if lo >= 0 and hi < 2 ** 16 else np.uint32 if lo >= 0 and hi < 2 ** 32 else np.int64
+    return ("array", rows.astype(small))
+
+
+def _unpack_rows(packed: tuple, store: Optional["MemmapArray"]) -> RowIndex:
+    kind = packed[0]
+    if kind == "range":
+        rows = np.arange(packed[1], packed[2], dtype=np.int64)
+    elif kind == "mask":
+        rows = packed[1] + np.flatnonzero(np.unpackbits(packed[3], count=packed[2]))
+    else:
+        rows = packed[1]
+    return RowIndex(rows, store)
 
 
 class MemmapItem(ItemBase):

@@ -1,0 +1,7 @@
+"""``python -m fastai_memmap``: same as the ``fastai-memmap`` command."""
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""Command line: ``fastai-memmap demo | info PATH | verify PATH`` (also ``python -m fastai_memmap``)."""
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from .errors import MemmapError
+
+__all__ = ["main"]
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+    res = run_demo(Path(args.dir) if args.dir else None, epochs=args.epochs, size=args.size,
+                   num_workers=args.num_workers)
+    return 0 if res["accuracy"] >= args.min_accuracy else 1
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from .reader import MemmapArray
+    a = MemmapArray.open(args.path)
+    m = a.manifest
+    info = {"path": str(a.path), "kind": m.kind, "version": m.version, "dtype": a.dtype.name,
+            "item_shape": list(a.item_shape), "rows": len(a), "row_bytes": m.row_bytes, "data_bytes": a.nbytes,
+            "meta": m.meta, "shards": [{"file": s.file, "rows": s.rows, "bytes": f.stat().st_size,
+                                        "checksum": s.checksum} for s, f in zip(m.shards, a.shard_files)]}
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    print(f"{info['path']}: {len(a)} rows of {tuple(a.item_shape)} {a.dtype.name} "
+          f"({a.nbytes:,} data bytes, {m.row_bytes:,} per row), format v{m.version}, kind {m.kind}")
+    if m.meta:
+        print(f"meta: {json.dumps(m.meta)[:500]}")
+    for s in info["shards"]:
+        print(f"  {s['file']}: {s['rows']} rows, {s['bytes']:,} bytes, {s['checksum'] or 'no checksum'}")
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from .reader import MemmapArray
+    a = MemmapArray.open(args.path)
+    a.verify(progress=not args.quiet)
+    print(f"{a.path}: OK, {len(a.manifest.shards)} shard(s), {a.nbytes:,} bytes checked")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    "The argument parser of the ``fastai-memmap`` command."
+    p = argparse.ArgumentParser(prog="fastai-memmap", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("demo", help="train a CNN on scikit-learn's digits read from a store (the main job)")
+    d.add_argument("--dir", help="keep stores, models and export.pkl here (default: a temporary directory)")
+    d.add_argument("--epochs", type=int, default=6)
+    d.add_argument("--size", type=int, default=32, help="image side in pixels after resizing")
+    d.add_argument("--num-workers", type=int, default=2)
+    d.add_argument("--min-accuracy", type=float, default=0.0, help="exit 1 if validation accuracy is lower")
+    d.set_defaults(func=_cmd_demo)
+    i = sub.add_parser("info", help="print a store's header, shards and sizes")
+    i.add_argument("path")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=_cmd_info)
+    v = sub.add_parser("verify", help="check every shard against its checksum (exit 1 on mismatch)")
+    v.add_argument("path")
+    v.add_argument("--quiet", action="store_true")
+    v.set_defaults(func=_cmd_verify)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    "Entry point of ``fastai-memmap``; returns the exit status (1 on a store error, with its message)."
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except MemmapError as e:
+        print(f"fastai-memmap {args.cmd}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
