@@ -4,6 +4,10 @@ Importing this package applies targeted fixes that make fastai 1.0.61 work on to
 (see `fastai_memmap.compat`).
 """
 from .version import __version__
+from . import compat
+
+compat.apply()
+
 from .errors import *  # noqa: F401,F403  (the error hierarchy is part of the public API)
 from .format import Manifest, FORMAT_VERSION
 from .reader import MemmapArray, open_memmap
