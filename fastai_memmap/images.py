@@ -139,7 +139,8 @@ def _max_code(store: MemmapArray, rows: np.ndarray) -> int:
 class MemmapSegmentationLabelList(MemmapLabelList):
     """Segmentation masks from a label store of integer class maps (rows ``(H, W)`` or ``(1, H, W)``).
 
-    ``get(i)`` returns a fastai `ImageSegment` (int64 ``(1, H, W)``), transformed with the image
+    ``get(i)`` returns a fastai `ImageSegment` (``(1, H, W)``: float32 pixels like ``open_mask``,
+    int64 through ``.data``), transformed with the image
     when ``tfm_y=True``. Loss: ``CrossEntropyFlat(axis=1)``; ``c = len(classes)``.
     """
     _processor = MemmapSegmentationProcessor
@@ -153,7 +154,7 @@ class MemmapSegmentationLabelList(MemmapLabelList):
 
     def get(self, i: int) -> ImageSegment:
         "Mask of item `i` as an `ImageSegment`."
-        m = np.asarray(self._store()[int(self.items[i])], dtype=np.int64)
+        m = np.asarray(self._store()[int(self.items[i])], dtype=np.float32)   # float pixels, as open_mask
         return ImageSegment(torch.from_numpy(m.reshape((1,) + m.shape[-2:])))
 
     def analyze_pred(self, pred: torch.Tensor, thresh: float = 0.5) -> torch.Tensor:
