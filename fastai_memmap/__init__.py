@@ -12,3 +12,6 @@ from .errors import *  # noqa: F401,F403  (the error hierarchy is part of the pu
 from .format import Manifest, FORMAT_VERSION
 from .reader import MemmapArray, open_memmap
 from .writer import MemmapWriter, save_memmap
+from .items import MemmapItemList, MemmapItem, RowIndex
+from .labels import MemmapCategoryList, MemmapFloatList, MemmapLabelList
+from .images import MemmapImageList, MemmapSegmentationLabelList

@@ -8,6 +8,7 @@ Needs no network: the digits ship inside scikit-learn.
 """
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -44,6 +45,8 @@ def run_demo(workdir: Optional[Path] = None, epochs: int = 6, size: int = 32, nu
         with tempfile.TemporaryDirectory(prefix="fastai_memmap_demo_") as d:
             return run_demo(Path(d), epochs, size, num_workers, bs, seed)
     compat.apply()
+    warnings.filterwarnings("ignore", message=".*pin_memory.*no accelerator")   # fastai pins by default
+    warnings.filterwarnings("ignore", message="Arguments other than a weight enum")  # pretrained=False
     import torch
     from sklearn.datasets import load_digits
     from fastai.basic_train import load_learner
