@@ -151,7 +151,8 @@ def read_npy_header(path: Path) -> Tuple[np.dtype, Tuple[int, ...], int]:
         size_fmt = "<H" if major == 1 else "<I"
         raw = f.read(struct.calcsize(size_fmt))
         if len(raw) < struct.calcsize(size_fmt):
-            raise TruncatedStoreError(f"{path}: .npy header truncated after {8 + len(raw)} bytes")
+            raise TruncatedStoreError(f"{path}: expected a {struct.calcsize(size_fmt)}-byte .npy header length "
+                                      f"after the magic, found {len(raw)} bytes; file truncated")
         (hlen,) = struct.unpack(size_fmt, raw)
         if hlen > MAX_NPY_HEADER:
             raise FormatError(f"{path}: expected a .npy header of at most {MAX_NPY_HEADER} bytes, found {hlen}")
@@ -162,7 +163,8 @@ def read_npy_header(path: Path) -> Tuple[np.dtype, Tuple[int, ...], int]:
     try:
         d = ast.literal_eval(text.decode("utf8" if major == 3 else "latin1"))
     except (ValueError, SyntaxError, UnicodeDecodeError, MemoryError, RecursionError) as e:
-        raise FormatError(f"{path}: .npy header is not a Python literal dict ({type(e).__name__})") from None
+        raise FormatError(f"{path}: expected a Python literal dict as .npy header, found unparsable text "
+                          f"{text[:80]!r} ({type(e).__name__})") from None
     if not isinstance(d, dict) or set(d) != {"descr", "fortran_order", "shape"}:
         raise FormatError(f"{path}: expected .npy header keys descr, fortran_order, shape; found {d!r:.200}")
     shape = d["shape"]
@@ -236,7 +238,7 @@ class Manifest:
             raise FormatError(f"{where}: expected a JSON object, found {type(d).__name__}")
         if d.get("format") != FORMAT_NAME:
             raise FormatError(f"{where}: expected format {FORMAT_NAME!r}, found {d.get('format')!r}; not a fastai_memmap store")
-        if d.get("version") != FORMAT_VERSION:
+        if not _is_int(d.get("version")) or d["version"] != FORMAT_VERSION:
             raise FormatError(f"{where}: expected format version {FORMAT_VERSION}, found {d.get('version')!r}; "
                               "written by a newer fastai_memmap? upgrade the package")
         kind = d.get("kind", "dense")
@@ -266,12 +268,12 @@ class Manifest:
         if not isinstance(s, dict) or not isinstance(s.get("file"), str) or not _is_int(s.get("rows")):
             raise FormatError(f"{where}: expected shard entries {{'file': str, 'rows': int}}, found {s!r:.200}")
         name, rows, ck = s["file"], s["rows"], s.get("checksum")
-        if not _SHARD_RE.match(name) or name in (".", "..") or name == MANIFEST_NAME:
+        if not _SHARD_RE.fullmatch(name) or name in (".", "..") or name == MANIFEST_NAME:
             raise UnsafePathError(f"{where}: expected a bare file name inside the store for a shard, found {name!r}; "
                                   "absolute paths, '/' and '..' are refused")
         if rows < 0:
             raise FormatError(f"{where}: shard {name}: expected rows >= 0, found {rows}")
-        if ck is not None and not (isinstance(ck, str) and re.match(r"^sha256:[0-9a-f]{64}$", ck)):
+        if ck is not None and not (isinstance(ck, str) and re.fullmatch(r"sha256:[0-9a-f]{64}", ck)):
             raise FormatError(f"{where}: shard {name}: expected checksum 'sha256:<64 hex>', found {ck!r:.100}")
         return ShardInfo(name, rows, ck)
 
@@ -288,7 +290,7 @@ class Manifest:
             raise FormatError(f"{path}: expected a manifest of at most {MAX_MANIFEST_BYTES} bytes, found {size}")
         try:
             d = json.loads(path.read_bytes().decode("utf8"))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, int digits limit
             raise FormatError(f"{path}: expected UTF-8 JSON, found unparsable content ({e})") from None
         return cls.from_dict(d, where=str(path))
 

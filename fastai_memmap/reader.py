@@ -161,9 +161,13 @@ class MemmapArray:
         if isinstance(key, (int, np.integer)) and not isinstance(key, (bool, np.bool_)):
             i = self._norm_int(int(key))
             k = int(np.searchsorted(self._starts, i, side="right") - 1)
-            return np.array(self._map(k)[i - self._starts[k]])
+            return np.array(self._map(k)[i - self._starts[k]], dtype=self.dtype)  # a scalar row loses byte order
         if isinstance(key, slice):
-            return self.read(np.arange(len(self))[key])
+            try:
+                r = range(len(self))[key]   # O(1): never materialise arange(len(self))
+            except TypeError:
+                raise RowIndexTypeError(f"{self.path}: expected integer slice bounds, found {key!r:.100}") from None
+            return self.read(np.arange(r.start, r.stop, r.step, dtype=np.int64))
         if isinstance(key, tuple):
             raise RowIndexTypeError(f"{self.path}: expected a row index (int, slice or int array), found a tuple "
                                     f"{key!r:.100}; index rows first, then the returned array")
@@ -187,12 +191,12 @@ class MemmapArray:
             raise RowIndexTypeError(f"{self.path}: expected integer row indices, found dtype {a.dtype}")
         if a.ndim != 1:
             raise RowIndexTypeError(f"{self.path}: expected a 1-d array of row indices, found shape {a.shape}")
-        a = a.astype(np.int64, copy=False)
         n = len(self)
-        lo, hi = int(a.min()), int(a.max())
+        lo, hi = int(a.min()), int(a.max())   # before the int64 cast: uint64 >= 2**63 would wrap negative
         if lo < -n or hi >= n:
             bad = lo if lo < -n else hi
             raise RowIndexError(f"{self.path}: row {bad} out of range, expected -{n} <= row < {n}")
+        a = a.astype(np.int64, copy=False)
         return np.where(a < 0, a + n, a) if lo < 0 else a
 
     def read(self, indices: Any, out: Optional[np.ndarray] = None) -> np.ndarray:

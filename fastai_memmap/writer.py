@@ -206,6 +206,9 @@ class MemmapWriter:
             _write_fsync(self._tmp / MANIFEST_NAME, m.to_json().encode("utf8"))
             _fsync_dir(self._tmp)
             self._commit()
+        except MemmapError:   # StoreExistsError is an OSError too: keep its type
+            self.abort()
+            raise
         except OSError as e:
             self.abort()
             raise StoreWriteError(e.errno, f"{self.path}: committing failed ({e}); the target is unchanged") from e
@@ -223,7 +226,12 @@ class MemmapWriter:
                 raise StoreExistsError(f"{self.path}: appeared while writing; not replaced (overwrite=False)")
             old = self.path.parent / f".{self.path.name}{OLD_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
             os.rename(self.path, old)
-        os.rename(self._tmp, self.path)
+        try:
+            os.rename(self._tmp, self.path)
+        except OSError:
+            if old is not None:   # put the previous store back: the target must be unchanged
+                os.rename(old, self.path)
+            raise
         self._tmp = None
         _fsync_dir(self.path.parent)
         if old is not None:
@@ -232,8 +240,11 @@ class MemmapWriter:
     def abort(self) -> None:
         "Discard everything written so far; the target is left as it was. Safe to call twice."
         if self._f is not None:
-            self._f.close()
-            self._f = None
+            f, self._f = self._f, None
+            try:
+                f.close()
+            except OSError:   # flushing the buffer of a discarded shard failed (disk full?): nothing to keep
+                pass
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
