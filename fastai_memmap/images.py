@@ -13,11 +13,12 @@ from fastai.vision.image import Image, ImageSegment
 from fastai.layers import CrossEntropyFlat
 
 from .errors import ItemShapeError, LabelError
+from .batching import MemmapImageDataBunch
 from .items import MemmapItemList, MemmapProcessor
 from .labels import MemmapLabelList, CODE_CHUNK_ROWS
 from .reader import MemmapArray
 
-__all__ = ["MemmapImageList", "MemmapSegmentationLabelList", "image_layout", "row_to_chw"]
+__all__ = ["MemmapImageList", "MemmapSegmentationLabelList", "image_layout", "row_to_chw", "rows_to_nchw"]
 
 LAYOUTS = ("HWC", "CHW", "HW")
 
@@ -39,25 +40,31 @@ def image_layout(item_shape: Tuple[int, ...], meta: Optional[dict] = None) -> st
     return layout
 
 
-def row_to_chw(row: np.ndarray, layout: str, convert_mode: str = "RGB") -> torch.Tensor:
-    """Convert one stored image row to a float32 CHW tensor in [0, 1] (a new tensor, never a view).
+def rows_to_nchw(rows: np.ndarray, layout: str, convert_mode: str = "RGB") -> torch.Tensor:
+    """Convert a batch of stored image rows ``(n, *item_shape)`` to a float32 NCHW tensor in [0, 1].
 
-    uint8 rows are divided by 255, float rows are taken as they are. ``convert_mode`` follows
-    PIL as `open_image` does: ``'RGB'`` repeats a single channel three times, ``'L'`` averages
-    RGB to one channel with ITU-R 601-2 luma weights; other modes keep the stored channels.
+    Returns a new tensor (never a view of `rows`). uint8 rows are divided by 255, float rows are
+    taken as they are. ``convert_mode`` follows PIL as `open_image` does: ``'RGB'`` repeats a single
+    channel three times (and drops alpha), ``'L'`` averages RGB to one channel with ITU-R 601-2
+    luma weights; other modes keep the stored channels.
     """
-    a = np.asarray(row)
-    a = a[None] if layout == "HW" else (a.transpose(2, 0, 1) if layout == "HWC" else a)
+    a = np.asarray(rows)
+    a = a[:, None] if layout == "HW" else (a.transpose(0, 3, 1, 2) if layout == "HWC" else a)
     t = torch.from_numpy(np.array(a, dtype=np.float32))
     if a.dtype == np.uint8:
         t.div_(255.)
-    if convert_mode == "RGB" and t.shape[0] == 1:
-        t = t.expand(3, -1, -1).contiguous()
-    elif convert_mode == "RGB" and t.shape[0] == 4:
-        t = t[:3].contiguous()
-    elif convert_mode == "L" and t.shape[0] >= 3:
-        t = (t[0:1] * 0.299 + t[1:2] * 0.587 + t[2:3] * 0.114)
+    if convert_mode == "RGB" and t.shape[1] == 1:
+        t = t.expand(-1, 3, -1, -1).contiguous()
+    elif convert_mode == "RGB" and t.shape[1] == 4:
+        t = t[:, :3].contiguous()
+    elif convert_mode == "L" and t.shape[1] >= 3:
+        t = (t[:, 0:1] * 0.299 + t[:, 1:2] * 0.587 + t[:, 2:3] * 0.114)
     return t
+
+
+def row_to_chw(row: np.ndarray, layout: str, convert_mode: str = "RGB") -> torch.Tensor:
+    "One stored image row to a float32 CHW tensor in [0, 1] (a copy); see `rows_to_nchw`."
+    return rows_to_nchw(np.asarray(row)[None], layout, convert_mode)[0]
 
 
 class MemmapImageProcessor(MemmapProcessor):
@@ -82,7 +89,7 @@ class MemmapImageList(MemmapItemList, ImageList):
     as with files. ``convert_mode`` is honoured as by ``open_image``; ``after_open`` (a PIL hook)
     does not apply to stored pixels and is ignored.
     """
-    _bunch = ImageDataBunch
+    _bunch = MemmapImageDataBunch
     _processor = MemmapImageProcessor
     show_xys, show_xyzs = ImageList.show_xys, ImageList.show_xyzs
 
@@ -101,6 +108,10 @@ class MemmapImageList(MemmapItemList, ImageList):
         "Image of row `self.items[i]` as a fastai `Image`."
         store = self._store()
         return Image(row_to_chw(store[int(self.items[i])], self.layout, self.convert_mode))
+
+    def get_batch(self, idxs: np.ndarray) -> torch.Tensor:
+        "Images of positions `idxs` as one float32 NCHW tensor, equal to stacking `get` (batch fast path)."
+        return rows_to_nchw(self._store().read(np.asarray(self.items)[idxs]), self.layout, self.convert_mode)
 
     def reconstruct(self, t: torch.Tensor, x: Any = None) -> Image:
         "`Image` from a CHW float tensor (clamped to [0, 1])."
@@ -156,6 +167,11 @@ class MemmapSegmentationLabelList(MemmapLabelList):
         "Mask of item `i` as an `ImageSegment`."
         m = np.asarray(self._store()[int(self.items[i])], dtype=np.float32)   # float pixels, as open_mask
         return ImageSegment(torch.from_numpy(m.reshape((1,) + m.shape[-2:])))
+
+    def get_batch(self, idxs: np.ndarray) -> torch.Tensor:
+        "Masks of positions `idxs` as int64 ``(n, 1, H, W)``, equal to collating `get(i).data`."
+        m = self._store().read(np.asarray(self.items)[idxs])
+        return torch.from_numpy(m.astype(np.int64).reshape((len(m), 1) + m.shape[-2:]))
 
     def analyze_pred(self, pred: torch.Tensor, thresh: float = 0.5) -> torch.Tensor:
         "Most likely class per pixel, shape ``(1, H, W)``."

@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from fastai.core import ItemBase
 from fastai.data_block import ItemList, PreProcessor
-from fastai.basic_data import DataBunch
 
+from .batching import FastLabelList, MemmapDataBunch
 from .errors import ItemShapeError, MemmapError, ShardMismatchError
 from .format import describe
 from .reader import MemmapArray
@@ -166,7 +166,7 @@ class MemmapItemList(ItemList):
     Functions given to ``label_from_func`` / ``filter_by_func`` receive the row number (an int).
     """
     _processor = MemmapProcessor
-    _bunch = DataBunch
+    _bunch = MemmapDataBunch
 
     def __init__(self, items: Any, store: Optional[MemmapArray] = None, **kwargs):
         own = getattr(items, "store", None)   # rows from another store (add_test) keep their store
@@ -174,6 +174,7 @@ class MemmapItemList(ItemList):
         super().__init__(RowIndex(items, store), **kwargs)
         self.store = store
         self.copy_new.append("store")
+        self._label_list = FastLabelList
 
     @classmethod
     def from_memmap(cls, path: PathOrStore, rows: Optional[Any] = None, inner_df: Any = None,
@@ -209,6 +210,11 @@ class MemmapItemList(ItemList):
     def get(self, i: int) -> MemmapItem:
         "Row `self.items[i]` of the store as a `MemmapItem` (float32 tensor, a copy)."
         return MemmapItem(torch.from_numpy(np.asarray(self._store()[int(self.items[i])], dtype=np.float32)))
+
+    def get_batch(self, idxs: np.ndarray) -> torch.Tensor:
+        "Rows at positions `idxs` as one float32 tensor ``(n, *item_shape)`` (batch fast path; a copy)."
+        a = self._store().read(np.asarray(self.items)[idxs])
+        return torch.from_numpy(a if a.dtype == np.float32 else a.astype(np.float32))
 
     def reconstruct(self, t: torch.Tensor, x: Any = None) -> MemmapItem:
         "Rebuild a `MemmapItem` from its data `t`."

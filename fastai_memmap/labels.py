@@ -91,6 +91,10 @@ class MemmapCategoryList(MemmapLabelList):
         code = int(self._store()[int(self.items[i])].reshape(-1)[0])
         return Category(code, self.classes[code])
 
+    def get_batch(self, idxs: np.ndarray) -> torch.Tensor:
+        "Codes of positions `idxs` as one int64 tensor ``(n,)`` (batch fast path)."
+        return torch.from_numpy(_codes(self._store(), np.asarray(self.items)[idxs]))
+
     def analyze_pred(self, pred: torch.Tensor, thresh: float = 0.5) -> torch.Tensor:
         "Index of the most likely class."
         return pred.argmax()
@@ -120,6 +124,11 @@ class MemmapFloatList(MemmapLabelList):
     def get(self, i: int) -> FloatItem:
         "Target of item `i` as a fastai `FloatItem` (float32 array of the label shape)."
         return FloatItem(np.asarray(self._store()[int(self.items[i])], dtype=np.float32))
+
+    def get_batch(self, idxs: np.ndarray) -> torch.Tensor:
+        "Targets of positions `idxs` as one float32 tensor ``(n, *item_shape)`` (batch fast path)."
+        a = self._store().read(np.asarray(self.items)[idxs])
+        return torch.from_numpy(a if a.dtype == np.float32 else a.astype(np.float32))
 
     def reconstruct(self, t: torch.Tensor, x: Any = None) -> FloatItem:
         "`FloatItem` of the values in `t`."
