@@ -1,0 +1,409 @@
+"""Targeted fixes that make fastai 1.0.61 run on today's torch (>= 2.6) and numpy (>= 1.24).
+
+``import fastai_memmap`` calls :func:`apply`. Each fix patches a name inside fastai's own modules
+(a module global, a class attribute) rather than torch or numpy, except where fastai itself patched
+torch globally (the DataLoader constructor). :func:`apply` is idempotent: it detects what is already
+patched, and a second call changes nothing. :data:`PATCHES` records what was patched, where and why.
+
+======================  ============================================  ===========================================  ===============================================
+patch                   what breaks                                   where in fastai 1.0.61                       fix
+======================  ============================================  ===========================================  ===============================================
+``torch_load``          ``torch.load`` defaults to                    ``basic_train.py``: ``load_learner``,        The global ``torch`` of these three modules
+                        ``weights_only=True`` since torch 2.6:        ``Learner.load``, ``Learner.purge``;         becomes a proxy: every attribute is real
+                        ``UnpicklingError`` in ``load_learner``,      ``basic_data.py``: ``load_data``;            torch except ``load``, which defaults
+                        ``Learner.load`` (with optimizer state),      ``data_block.py``:                           ``weights_only=False`` when the caller passes
+                        ``load_data``, ``LabelLists.load_empty``      ``LabelLists.load_empty``                    none. Plain ``torch.load`` is untouched. See
+                                                                                                                   :data:`LOAD_LEARNER_SECURITY_NOTE`.
+``solve``               ``torch.solve`` now raises ``RuntimeError``:  ``vision/transform.py``:                     ``_solve_func`` becomes :func:`solve_legacy`:
+                        every perspective warp fails                  ``_solve_func = getattr(torch,               the old ``solve(B, A) -> (solution, LU)``
+                        (``symmetric_warp`` in ``get_transforms()``,  'solve', None)``                             contract on ``torch.linalg.lu_factor`` and
+                        ``perspective_warp``, ``skew``, ``tilt``)                                                  ``lu_solve``.
+``dataloader_kwargs``   fastai replaces ``DataLoader.__init__``       ``basic_data.py``: ``intercept_args``;       A replacement accepts every argument of
+                        globally with a fixed signature:              ``DataBunch.add_test`` builds the test       torch's ``DataLoader``, keeps fastai's defaults
+                        ``multiprocessing_context``, ``generator``,   loader from batch size and workers only      (``pin_memory=True``, ``default_collate``) and
+                        ``prefetch_factor``, ``persistent_workers``,                                               records every argument in ``init_kwargs``, so
+                        ``pin_memory_device``, ``in_order`` raise                                                  ``DeviceDataLoader.new`` and the ``batch_size``
+                        ``TypeError``, even for plain torch loaders                                                setter keep them; ``add_test`` reuses the
+                                                                                                                   validation loader's ``init_kwargs``.
+``ragged_array``        numpy 1.24 refuses ragged input:              ``core.py``: ``array()``, star-imported      A wrapper falls back to an object array when
+                        ``ValueError`` for multi-label targets of     into ~40 fastai modules (``data_block``:     ``dtype`` is ``None`` and numpy refuses the
+                        varying length (``label_from_df(...,          ``MultiCategoryList``,                       input; it replaces the same function object
+                        label_delim=' ')``)                           ``CategoryProcessor.process``)               in every loaded ``fastai.*`` module.
+``numpy_aliases``       ``np.object``, ``np.float``, ``np.int``,      ``vision/image.py`` (``ImageBBox.create``),  The global ``np`` of those modules becomes a
+                        ``np.bool`` removed in numpy 1.24:            ``vision/interpret.py``,                     proxy of numpy that adds back the missing
+                        ``AttributeError``                            ``data_block.py``, ``text/data.py``,         aliases as the builtins they always were. The
+                                                                      ``callbacks/mlflow.py``                      numpy module itself is untouched.
+``pkg_resources_warn``  ``import fastai`` emits setuptools'           ``imports/core.py``:                         :func:`apply` imports fastai with just that
+                        "pkg_resources is deprecated" warning         ``import pkg_resources``                     ``UserWarning`` ignored (if fastai was not
+                                                                                                                   imported before).
+(not patched)           pandas >= 2: ``Categorify`` fails ("Can       ``tabular/transform.py``                     ``pandas<2`` is pinned; pandas 1.5 works.
+                        only use .cat accessor")
+(not patched)           setuptools >= 81 has no ``pkg_resources``:    ``imports/core.py``                          ``setuptools<81`` is pinned; :func:`apply`
+                        ``import fastai`` fails                                                                    raises :class:`FastaiCompatError` naming it.
+======================  ============================================  ===========================================  ===============================================
+
+Limits
+------
+- ``fastai.text.data`` and ``fastai.callbacks.mlflow`` are patched only if they are imported before
+  :func:`apply` (they need spacy and mlflow); call :func:`apply` again after importing them.
+  ``fastai.text.learner`` calls ``torch.load`` on plain state dicts, which ``weights_only=True`` loads:
+  it is left alone.
+- A DataLoader worker started with ``'spawn'`` or ``'forkserver'`` is a fresh interpreter: fastai code
+  running there is unpatched unless something it unpickles imports ``fastai_memmap`` (the package's
+  own item lists do). Fork workers inherit the patches.
+- Code that did ``from fastai... import *`` before :func:`apply` keeps the unpatched ``array``.
+"""
+import functools
+import importlib
+import inspect
+import sys
+import threading
+import types
+import warnings
+from collections import namedtuple
+from collections.abc import Sized
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Tuple
+
+import numpy as np
+import torch
+import torch.utils.data
+
+from .errors import MemmapError
+
+__all__ = ["apply", "applied", "PATCHES", "Patch", "LOAD_LEARNER_SECURITY_NOTE", "FastaiCompatError",
+           "solve_legacy"]
+
+FASTAI_VERSION = "1.0.61"  # the only fastai these fixes were written against (the last v1 release)
+
+LOAD_LEARNER_SECURITY_NOTE = (
+    "`load_learner`, `Learner.load`, `load_data` and `LabelLists.load_empty` unpickle their file: "
+    "fastai_memmap restores `torch.load`'s pre-2.6 default `weights_only=False` inside fastai, because "
+    "an exported learner or a saved optimizer holds arbitrary Python objects (classes, processors, "
+    "callbacks). Unpickling can run arbitrary code: load only files you created yourself or trust as much "
+    "as code. Plain `torch.load` keeps its safe default, and an explicit `weights_only=True` is honoured."
+)
+
+_PATCH_MARK = "_fastai_memmap_patch"  # attribute set on every function this module installs
+_LOCK = threading.RLock()
+
+
+class FastaiCompatError(MemmapError, ImportError):
+    "fastai cannot be imported or is not the version these fixes were written for."
+
+
+@dataclass(frozen=True)
+class Patch:
+    """One fix applied to fastai.
+
+    Parameters
+    ----------
+    name : str
+        Key in :data:`PATCHES` (first column of the table in the module docstring).
+    location : str
+        Where in fastai 1.0.61 the broken code lives.
+    reason : str
+        What breaks without the fix.
+    targets : tuple of str
+        What was actually patched (``module.attribute`` names).
+    """
+    name: str
+    location: str
+    reason: str
+    targets: Tuple[str, ...]
+
+
+PATCHES: Dict[str, Patch] = {}
+"Patches applied so far, by name; filled by :func:`apply`."
+
+
+class _ModuleProxy(types.ModuleType):
+    """Stands in for a module in one fastai module's globals.
+
+    Attributes given as ``overrides`` win; every other attribute is read from the real module
+    (``__wrapped__``) at each access, so the proxy never goes stale.
+    """
+
+    def __init__(self, real: types.ModuleType, **overrides: Any):
+        super().__init__(real.__name__, real.__doc__)
+        for key in ("__package__", "__loader__", "__spec__"):  # forward these to the real module
+            del self.__dict__[key]
+        self.__dict__.update(overrides, __wrapped__=real)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["__wrapped__"], name)
+
+    def __dir__(self):
+        return sorted(set(dir(self.__wrapped__)) | set(self.__dict__))
+
+    def __repr__(self) -> str:
+        return f"<fastai_memmap.compat proxy of {self.__wrapped__!r}>"
+
+
+def _mark(func: Callable) -> Callable:
+    setattr(func, _PATCH_MARK, True)
+    return func
+
+
+def _is_ours(obj: Any) -> bool:
+    return getattr(obj, _PATCH_MARK, False) is True
+
+
+# ---------------------------------------------------------------------------------------- torch.load
+@_mark
+def _torch_load_trusted(f: Any, *args: Any, **kwargs: Any) -> Any:
+    "`torch.load` with the pre-2.6 default `weights_only=False` (unpickles: trusted files only)."
+    kwargs.setdefault("weights_only", False)
+    return torch.load(f, *args, **kwargs)
+
+
+_TORCH_LOAD_MODULES = ("fastai.basic_train", "fastai.basic_data", "fastai.data_block")
+
+
+def _patch_torch_load() -> Patch:
+    for name in _TORCH_LOAD_MODULES:
+        module = sys.modules[name]
+        if not isinstance(vars(module)["torch"], _ModuleProxy):
+            module.torch = _ModuleProxy(vars(module)["torch"], load=_torch_load_trusted)
+    return Patch("torch_load", "basic_train.py, basic_data.py, data_block.py: torch.load(...)",
+                 "torch>=2.6 torch.load defaults to weights_only=True; fastai files hold pickled objects",
+                 tuple(f"{name}.torch" for name in _TORCH_LOAD_MODULES))
+
+
+# ---------------------------------------------------------------------------------------- torch.solve
+_SolveResult = namedtuple("solve", ["solution", "LU"])
+
+
+@_mark
+def solve_legacy(B: torch.Tensor, A: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Solve ``A @ X = B`` with the contract of the removed ``torch.solve(B, A)``.
+
+    Parameters
+    ----------
+    B : torch.Tensor
+        Right-hand side, shape ``(*, n, k)``.
+    A : torch.Tensor
+        Square coefficient matrices, shape ``(*, n, n)``, same floating dtype as `B`.
+
+    Returns
+    -------
+    (solution, LU) : namedtuple of torch.Tensor
+        ``solution``, shape ``(*, n, k)``, and the packed LU factorization of `A`, shape ``(*, n, n)``,
+        both new tensors.
+
+    Raises
+    ------
+    RuntimeError
+        If `A` is singular (as ``torch.solve`` did).
+    """
+    LU, pivots = torch.linalg.lu_factor(A)
+    return _SolveResult(torch.linalg.lu_solve(LU, pivots, B), LU)
+
+
+def _patch_solve() -> Patch:
+    transform = sys.modules["fastai.vision.transform"]
+    if transform._solve_func is not solve_legacy:
+        transform._solve_func = solve_legacy
+    return Patch("solve", "vision/transform.py: _solve_func = getattr(torch, 'solve', None)",
+                 "torch.solve was removed (it now raises RuntimeError): every perspective warp fails",
+                 ("fastai.vision.transform._solve_func",))
+
+
+# ---------------------------------------------------------------------------------------- DataLoader
+# fastai's `intercept_args` defaults, where they differ from torch's (equivalent otherwise).
+_FASTAI_DL_DEFAULTS = {"batch_size": 1, "shuffle": False, "sampler": None, "batch_sampler": None,
+                       "num_workers": 0, "pin_memory": True, "drop_last": False, "timeout": 0,
+                       "worker_init_fn": None}
+
+
+def _make_dataloader_init(torch_init: Callable) -> Callable:
+    from torch.utils.data.dataloader import default_collate
+    defaults = {**_FASTAI_DL_DEFAULTS, "collate_fn": default_collate}
+    signature = inspect.signature(torch_init)
+
+    @functools.wraps(torch_init)
+    def __init__(self, dataset, *args, **kwargs):
+        # binding first raises torch's own TypeError for an argument torch does not accept
+        passed = signature.bind(self, dataset, *args, **kwargs).arguments
+        passed = {key: value for key, value in passed.items() if key not in ("self", "dataset")}
+        self.init_kwargs = {**defaults, **passed}
+        torch_init(self, dataset, **self.init_kwargs)
+
+    # help() and inspect show torch's parameters with the defaults fastai actually applies
+    __init__.__signature__ = signature.replace(parameters=[
+        p.replace(default=defaults[p.name]) if p.name in defaults else p for p in signature.parameters.values()])
+    return _mark(__init__)
+
+
+def _databunch_add_test(self, items, label=None, tfms=None, tfm_y=None) -> None:
+    "Add the `items` as a test set. Pass along `label` otherwise label them with `EmptyLabel`."
+    self.label_list.add_test(items, label=label, tfms=tfms, tfm_y=tfm_y)
+    vdl = self.valid_dl
+    kwargs = {**vdl.dl.init_kwargs, "batch_size": vdl.batch_size, "num_workers": vdl.num_workers,
+              "shuffle": False, "drop_last": False, "sampler": None, "batch_sampler": None}
+    dl = torch.utils.data.DataLoader(self.label_list.test, **kwargs)
+    self.test_dl = type(vdl)(dl, vdl.device, vdl.tfms, vdl.collate_fn)
+
+
+_mark(_databunch_add_test)
+
+
+def _patch_dataloader() -> Patch:
+    basic_data = sys.modules["fastai.basic_data"]
+    loader = torch.utils.data.DataLoader
+    if not _is_ours(loader.__init__):
+        torch_init = basic_data.old_dl_init  # the constructor fastai saved before replacing it
+        while _is_ours(torch_init):  # fastai.basic_data reloaded after a previous apply()
+            torch_init = torch_init.__wrapped__
+        loader.__init__ = _make_dataloader_init(torch_init)
+    if basic_data.DataBunch.add_test is not _databunch_add_test:
+        basic_data.DataBunch.add_test = _databunch_add_test
+    return Patch("dataloader_kwargs", "basic_data.py: intercept_args (DataLoader.__init__), DataBunch.add_test",
+                 "fastai's fixed DataLoader signature rejects multiprocessing_context, persistent_workers, "
+                 "prefetch_factor, generator, pin_memory_device, in_order",
+                 ("fastai.basic_data.DataBunch.add_test", "torch.utils.data.DataLoader.__init__"))
+
+
+# ---------------------------------------------------------------------------------------- ragged array
+def _object_array(items: Sized, **kwargs: Any) -> np.ndarray:
+    "Object array of ragged `items` as numpy < 1.24 built it (1-d of the elements if nothing else fits)."
+    try:
+        return np.array(items, dtype=object, **kwargs)
+    except ValueError:  # e.g. arrays whose leading dimensions agree but trailing ones do not
+        result = np.empty(len(items), dtype=object)
+        for i, item in enumerate(items):
+            result[i] = item
+        return result
+
+
+def _make_ragged_tolerant(fastai_array: Callable) -> Callable:
+    @functools.wraps(fastai_array)
+    def array(a, dtype: type = None, **kwargs) -> np.ndarray:
+        "Same as `np.array` but also handles generators and ragged input (object array, as numpy < 1.24)."
+        if not isinstance(a, Sized) and not getattr(a, "__array_interface__", False):
+            a = list(a)  # materialize once: a retry must see the same items
+        try:
+            return fastai_array(a, dtype=dtype, **kwargs)
+        except ValueError:
+            if dtype is not None:
+                raise
+        return _object_array(a, **kwargs)
+
+    return _mark(array)
+
+
+def _fastai_modules():
+    return [(name, module) for name, module in list(sys.modules.items())
+            if (name == "fastai" or name.startswith("fastai.")) and isinstance(module, types.ModuleType)]
+
+
+def _patch_array() -> Patch:
+    core = sys.modules["fastai.core"]
+    tolerant = core.array if _is_ours(core.array) else _make_ragged_tolerant(core.array)
+    original = tolerant.__wrapped__
+    targets = []
+    for name, module in _fastai_modules():
+        namespace = vars(module)
+        if namespace.get("array") is original:
+            module.array = tolerant
+        if namespace.get("array") is tolerant:
+            targets.append(f"{name}.array")
+    return Patch("ragged_array", "core.py: array(), star-imported into most fastai modules",
+                 "numpy>=1.24 raises ValueError for ragged input (multi-label targets of varying length)",
+                 tuple(sorted(targets)))
+
+
+# ---------------------------------------------------------------------------------------- numpy aliases
+# The aliases numpy 1.24 removed were these builtins exactly (numpy 1.20 deprecation notes).
+_NUMPY_ALIASES = {"object": object, "float": float, "int": int, "bool": bool}
+_NUMPY_ALIAS_MODULES = ("fastai.data_block", "fastai.vision.image", "fastai.vision.interpret")
+_NUMPY_ALIAS_MODULES_IF_LOADED = ("fastai.text.data", "fastai.callbacks.mlflow")  # need spacy / mlflow
+
+
+def _missing_numpy_aliases() -> Dict[str, type]:
+    with warnings.catch_warnings():  # numpy 1.2x warns (FutureWarning) on access before raising
+        warnings.simplefilter("ignore")
+        return {name: alias for name, alias in _NUMPY_ALIASES.items() if not hasattr(np, name)}
+
+
+def _patch_numpy_aliases() -> Patch:
+    missing = _missing_numpy_aliases()
+    names = _NUMPY_ALIAS_MODULES + tuple(n for n in _NUMPY_ALIAS_MODULES_IF_LOADED if n in sys.modules)
+    for name in names if missing else ():
+        module = sys.modules[name]
+        if not isinstance(vars(module)["np"], _ModuleProxy):
+            module.np = _ModuleProxy(vars(module)["np"], **missing)
+    return Patch("numpy_aliases", "vision/image.py, vision/interpret.py, data_block.py, text/data.py, "
+                 "callbacks/mlflow.py: np.object, np.float, np.int",
+                 "numpy>=1.24 removed the np.object/np.float/np.int/np.bool aliases (AttributeError)",
+                 tuple(f"{name}.np" for name in names) if missing else ())
+
+
+# ---------------------------------------------------------------------------------------- import fastai
+_FASTAI_MODULES = ("fastai.basic_train", "fastai.basic_data", "fastai.data_block", "fastai.core",
+                   "fastai.vision.transform", "fastai.vision.image", "fastai.vision.interpret")
+
+
+def _import_fastai() -> Patch:
+    "Import the fastai modules the patches need, without setuptools' pkg_resources deprecation warning."
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
+            import fastai
+            if fastai.__version__ != FASTAI_VERSION:
+                raise FastaiCompatError(f"fastai_memmap.compat: expected fastai {FASTAI_VERSION}, found "
+                                        f"{fastai.__version__}; install fastai=={FASTAI_VERSION}")
+            for name in _FASTAI_MODULES:
+                importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name != "pkg_resources":
+            raise
+        raise FastaiCompatError("fastai 1.0.61 needs pkg_resources, removed in setuptools 81: found none; "
+                                "install 'setuptools<81'") from e
+    return Patch("pkg_resources_warn", "imports/core.py: import pkg_resources",
+                 "setuptools>=80 warns that pkg_resources is deprecated on every `import fastai`",
+                 ("warnings filter around `import fastai` in compat.apply()",))
+
+
+# ---------------------------------------------------------------------------------------- public API
+_PATCHERS = (_patch_torch_load, _patch_solve, _patch_dataloader, _patch_array, _patch_numpy_aliases)
+
+
+def apply() -> None:
+    """Apply every fix of the module docstring's table to fastai 1.0.61; idempotent and thread-safe.
+
+    Imports fastai (``basic_train``, ``basic_data``, ``data_block``, ``vision``) if needed. A second call
+    changes nothing, except that it also patches fastai modules imported since the first call.
+    :data:`PATCHES` is filled with one :class:`Patch` per fix; an entry is replaced only when its
+    targets changed.
+
+    Raises
+    ------
+    FastaiCompatError
+        If fastai is not version 1.0.61, or cannot be imported because ``pkg_resources`` is missing.
+    """
+    with _LOCK:
+        for patch in (_import_fastai(), *(patcher() for patcher in _PATCHERS)):
+            if PATCHES.get(patch.name) != patch:
+                PATCHES[patch.name] = patch
+
+
+def applied() -> bool:
+    """Whether every fix is in place right now (checks the patched objects, not a flag).
+
+    Returns
+    -------
+    bool
+        ``False`` before :func:`apply`, or if fastai was reloaded since.
+    """
+    modules = sys.modules
+    if not all(name in modules for name in _FASTAI_MODULES):
+        return False
+    checks = [isinstance(vars(modules[name])["torch"], _ModuleProxy) for name in _TORCH_LOAD_MODULES]
+    checks += [modules["fastai.vision.transform"]._solve_func is solve_legacy,
+               _is_ours(torch.utils.data.DataLoader.__init__),
+               modules["fastai.basic_data"].DataBunch.add_test is _databunch_add_test,
+               _is_ours(modules["fastai.core"].array)]
+    if _missing_numpy_aliases():
+        checks += [isinstance(vars(modules[name])["np"], _ModuleProxy) for name in _NUMPY_ALIAS_MODULES]
+    return all(checks)
