@@ -28,7 +28,7 @@ setup(
         "pillow",
     ],
     extras_require={
-        "dev": ["pytest", "hypothesis", "nbmake", "nbformat", "ipykernel", "h5py", "scipy", "dask"],
+        "dev": ["pytest", "hypothesis", "nbmake", "nbformat", "ipykernel", "h5py", "scipy", "dask[array]", "distributed"],
     },
     entry_points={"console_scripts": ["fastai-memmap=fastai_memmap.cli:main"]},
     classifiers=["Programming Language :: Python :: 3", "Framework :: Jupyter"],

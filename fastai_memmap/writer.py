@@ -324,9 +324,17 @@ def save_memmap(path: Union[str, Path], data: Any, dtype: Any = None, item_shape
     **kwargs
         Passed to `MemmapWriter` (``overwrite``, ``shard_rows``, ``shard_bytes``, ``meta``, ``progress``).
 
+    A chunked ``dask.array.Array`` is written by `fastai_memmap.parallel.save_dask`: one task and
+    one shard per row chunk, committed atomically once all succeed.
+
     Raises what `MemmapWriter` raises; ``ValueError`` for an empty iterable without
     `dtype`/`item_shape`.
     """
+    from .parallel import is_dask_array
+    if is_dask_array(data):
+        from .parallel import save_dask
+        kwargs.pop("total", None)
+        return save_dask(path, data, dtype=dtype, **kwargs)
     if hasattr(data, "shape") and hasattr(data, "dtype"):
         n = data.shape[0] if len(data.shape) else None
         if n is None:
