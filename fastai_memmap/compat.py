@@ -69,7 +69,7 @@ import numpy as np
 import torch
 import torch.utils.data
 
-from .errors import MemmapError
+from .errors import FastaiCompatError, MemmapError
 
 __all__ = ["apply", "applied", "PATCHES", "Patch", "LOAD_LEARNER_SECURITY_NOTE", "FastaiCompatError",
            "solve_legacy"]
@@ -86,10 +86,6 @@ LOAD_LEARNER_SECURITY_NOTE = (
 
 _PATCH_MARK = "_fastai_memmap_patch"  # attribute set on every function this module installs
 _LOCK = threading.RLock()
-
-
-class FastaiCompatError(MemmapError, ImportError):
-    "fastai cannot be imported or is not the version these fixes were written for."
 
 
 @dataclass(frozen=True)

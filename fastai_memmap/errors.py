@@ -16,6 +16,7 @@ __all__ = [
     "FormatError", "TruncatedStoreError", "ShardMismatchError", "UnsafePathError",
     "UnsupportedDtypeError", "ChecksumError", "RowIndexError", "RowIndexTypeError",
     "ItemShapeError", "StoreWriteError", "StoreChangedError", "MemoryBudgetError", "LabelError",
+    "FastaiCompatError",
 ]
 
 
@@ -85,3 +86,7 @@ class MemoryBudgetError(MemmapError, MemoryError):
 
 class LabelError(MemmapError, ValueError):
     "Labels do not fit the task: class codes out of range, wrong label shape or dtype for classification."
+
+
+class FastaiCompatError(MemmapError, ImportError):
+    "fastai cannot be imported or is not the version (1.0.61) the compatibility fixes were written for."
