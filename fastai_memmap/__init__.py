@@ -15,3 +15,5 @@ from .writer import MemmapWriter, save_memmap
 from .items import MemmapItemList, MemmapItem, RowIndex
 from .labels import MemmapCategoryList, MemmapFloatList, MemmapLabelList
 from .images import MemmapImageList, MemmapSegmentationLabelList
+from .records import tabular_to_memmap
+from .tabular import MemmapTabularList
