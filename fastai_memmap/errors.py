@@ -17,6 +17,7 @@ __all__ = [
     "UnsupportedDtypeError", "ChecksumError", "RowIndexError", "RowIndexTypeError",
     "ItemShapeError", "StoreWriteError", "StoreChangedError", "MemoryBudgetError", "LabelError",
     "FastaiCompatError",
+    "TabularError", "ColumnNotFoundError", "ColumnTypeError", "ColumnValueError", "SourceNotFoundError",
 ]
 
 
@@ -90,3 +91,26 @@ class LabelError(MemmapError, ValueError):
 
 class FastaiCompatError(MemmapError, ImportError):
     "fastai cannot be imported or is not the version (1.0.61) the compatibility fixes were written for."
+
+
+class TabularError(MemmapError, ValueError):
+    "Bad arguments for a tabular store: procs, split, column lists, or a list that is not split."
+
+
+class ColumnNotFoundError(MemmapError, KeyError):
+    "A column named in `cat_names`, `cont_names`, `y_names` or `valid_col` is missing (chunk or row)."
+
+    def __str__(self) -> str:   # KeyError would print the message with quotes
+        return str(self.args[0]) if self.args else ""
+
+
+class ColumnTypeError(MemmapError, TypeError):
+    "A column holds values of the wrong type (text in a continuous column, text and numbers mixed...)."
+
+
+class ColumnValueError(MemmapError, ValueError):
+    "A value cannot be processed: a missing value where training had none, an all-missing column..."
+
+
+class SourceNotFoundError(MemmapError, FileNotFoundError):
+    "A CSV or JSON-lines source file does not exist."
