@@ -47,7 +47,7 @@ from .writer import MemmapWriter
 
 __all__ = ["PixelBuffer", "ImageListInMemory", "SegmentationItemListInMemory", "SegmentationLabelListInMemory",
            "LabelListInMemory", "ItemListsInMemory", "LabelListsInMemory", "ImageDataBunchInMemory",
-           "preload", "unload", "MEMORY_FRACTION", "MAX_PAD_RATIO"]
+           "preload", "unload", "write_cache", "check_memory", "MEMORY_FRACTION", "MAX_PAD_RATIO"]
 
 MEMORY_FRACTION = 0.9   # load_data refuses to take more than this share of the memory psutil reports available
 MAX_PAD_RATIO = 1.5     # a cache of images of different sizes is padded to the largest: not beyond 1.5x the pixels
@@ -203,9 +203,10 @@ class _InMemoryMixin:
 
     def decode_spec(self, size: SizeArg = None, resample: Optional[int] = None) -> DecodeSpec:
         "How `load_data` decodes this list's files (its ``convert_mode`` and ``after_open``, plus `size`)."
-        default = PIL.Image.NEAREST if self._kind == "mask" else PIL.Image.BILINEAR
-        mode = "L" if self._kind == "mask" else self.convert_mode
-        return DecodeSpec(mode, size, int(default if resample is None else resample), self.after_open, self._kind)
+        if self._kind == "mask":   # class codes must stay codes: always NEAREST
+            return DecodeSpec("L", size, int(PIL.Image.NEAREST), self.after_open, "mask")
+        resample = PIL.Image.BILINEAR if resample is None else resample
+        return DecodeSpec(self.convert_mode, size, int(resample), self.after_open, "image")
 
     def _buffer(self) -> Optional[PixelBuffer]:
         "The buffer, if open and decoded the way this list decodes (else None: read from disk)."
@@ -417,8 +418,10 @@ def preload(obj: Any, size: SizeArg = None, workers: Optional[int] = None, force
     ----------
     size : int or (int, int), optional
         Resize every image to ``(h, w)`` (an int ``n``: ``(n, n)``) at load time, after
-        ``after_open``, with `resample` (images: ``BILINEAR``, masks: ``NEAREST``). Items then
+        ``after_open``, with `resample` (default ``BILINEAR``; masks always ``NEAREST``). Items then
         differ from the files by design. Default: keep file sizes (images may differ in size).
+        With an ``after_open`` hook the sizes are not known from the file headers: each image is
+        decoded once to learn its size (the memory check comes after that pass), then again into RAM.
     workers : int, optional
         Decoding processes (default ``os.cpu_count()``); small sets decode in-process.
     force : bool
