@@ -17,3 +17,6 @@ from .labels import MemmapCategoryList, MemmapFloatList, MemmapLabelList
 from .images import MemmapImageList, MemmapSegmentationLabelList
 from .records import tabular_to_memmap
 from .tabular import MemmapTabularList
+from .inmemory import ImageListInMemory, SegmentationItemListInMemory, preload, unload
+from .convert_images import images_to_memmap
+from .parallel import save_dask

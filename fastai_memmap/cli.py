@@ -1,4 +1,4 @@
-"""Command line: ``fastai-memmap demo | info PATH | verify PATH`` (also ``python -m fastai_memmap``)."""
+"""Command line: ``fastai-memmap demo | info PATH | verify PATH | convert-images SOURCE OUT`` (also ``python -m fastai_memmap``)."""
 import argparse
 import json
 import sys
@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("path")
     v.add_argument("--quiet", action="store_true")
     v.set_defaults(func=_cmd_verify)
+    from .convert_images import add_convert_images_parser
+    add_convert_images_parser(sub)
     return p
 
 
@@ -72,6 +74,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except MemmapError as e:
+    except (MemmapError, FileNotFoundError) as e:
         print(f"fastai-memmap {args.cmd}: {type(e).__name__}: {e}", file=sys.stderr)
         return 1

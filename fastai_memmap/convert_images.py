@@ -37,7 +37,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import numpy as np
 import PIL.Image
 
-from .errors import ItemShapeError, MemmapError, UnsupportedDtypeError, FormatError
+from .errors import ImageReadError, ItemShapeError, MemmapError, UnsupportedDtypeError, FormatError
 from .format import MAX_MANIFEST_BYTES
 from .writer import DEFAULT_SHARD_BYTES, MemmapWriter, save_memmap
 
@@ -58,10 +58,6 @@ RESAMPLE_NAMES = {int(PIL.Image.NEAREST): "NEAREST", int(PIL.Image.BILINEAR): "B
 
 PathLike = Union[str, os.PathLike]
 SizeArg = Union[None, int, Tuple[int, int], Sequence[int]]
-
-
-class ImageReadError(MemmapError, OSError):
-    "An image file cannot be opened or decoded (missing, truncated, not an image)."
 
 
 def normalize_size(size: SizeArg) -> Optional[Tuple[int, int]]:

@@ -16,7 +16,7 @@ __all__ = [
     "FormatError", "TruncatedStoreError", "ShardMismatchError", "UnsafePathError",
     "UnsupportedDtypeError", "ChecksumError", "RowIndexError", "RowIndexTypeError",
     "ItemShapeError", "StoreWriteError", "StoreChangedError", "MemoryBudgetError", "LabelError",
-    "FastaiCompatError",
+    "FastaiCompatError", "OffsetsError", "SparseIndexError", "TokenIdError", "ImageReadError", "SharedMemoryError",
     "TabularError", "ColumnNotFoundError", "ColumnTypeError", "ColumnValueError", "SourceNotFoundError",
 ]
 
@@ -39,6 +39,14 @@ class WriterConflictError(MemmapError, FileExistsError):
 
 class FormatError(MemmapError, ValueError):
     "A manifest or `.npy` header is malformed, of an unknown version, or disagrees with its data."
+
+
+class OffsetsError(FormatError):
+    "A ragged or sparse shard's offsets do not start at 0, decrease, or do not end at the data length."
+
+
+class SparseIndexError(FormatError):
+    "A sparse store holds a column index outside ``[0, size)``."
 
 
 class TruncatedStoreError(FormatError):
@@ -93,6 +101,10 @@ class FastaiCompatError(MemmapError, ImportError):
     "fastai cannot be imported or is not the version (1.0.61) the compatibility fixes were written for."
 
 
+class TokenIdError(MemmapError, ValueError):
+    "A token id read from a store is outside the vocabulary (``0 <= id < len(vocab.itos)``)."
+
+
 class TabularError(MemmapError, ValueError):
     "Bad arguments for a tabular store: procs, split, column lists, or a list that is not split."
 
@@ -114,3 +126,11 @@ class ColumnValueError(MemmapError, ValueError):
 
 class SourceNotFoundError(MemmapError, FileNotFoundError):
     "A CSV or JSON-lines source file does not exist."
+
+
+class ImageReadError(MemmapError, OSError):
+    "An image file cannot be opened or decoded (missing, truncated, not an image)."
+
+
+class SharedMemoryError(MemmapError, OSError):
+    "No room for a shared buffer (in ``/dev/shm`` nor in the temporary directory), or it cannot be mapped."

@@ -34,17 +34,13 @@ from typing import Any, Optional, Tuple, Union
 
 import numpy as np
 
-from .errors import MemmapError
+from .errors import SharedMemoryError
 
 __all__ = ["SharedBuffer", "SharedMemoryError", "SHM_DIR", "SHM_RESERVE", "FILE_PREFIX", "choose_dir", "free_bytes"]
 
 SHM_DIR = "/dev/shm"
 SHM_RESERVE = 256 << 20     # bytes of /dev/shm left free for torch's DataLoader batches (shared through it)
 FILE_PREFIX = "fastai_memmap-"   # + "<owner pid>-<hex>": leftovers of dead owners are recognisable
-
-
-class SharedMemoryError(MemmapError, OSError):
-    "No room for a shared buffer (in ``/dev/shm`` nor in the temporary directory), or it cannot be mapped."
 
 
 def free_bytes(directory: Union[str, Path]) -> int:
