@@ -17,6 +17,11 @@ A store is a directory::
 A bare ``.npy`` file (C order, simple dtype) also opens as a one-shard store without a manifest;
 it has no checksum.
 
+Besides these *dense* stores (``kind`` ``"dense"``), a store can hold *ragged* items (item ``i`` has
+shape ``(length_i, *item_shape)``: token ids, point clouds, variable-height images) or *sparse* rows
+(CSR-style vectors of a fixed dense ``size``); see `Ragged stores`_ and `Sparse stores`_ below. Both
+use only valid ``.npy`` files, so plain numpy reads every part. Dense stores are unchanged by them.
+
 Shards
 ------
 Each shard is a standard NumPy ``.npy`` file, format version 1.0 (see ``numpy.lib.format``):
@@ -36,9 +41,11 @@ Manifest
 =============  ==========================================================================
 ``format``     the string ``"fastai_memmap"`` (``FORMAT_NAME``)
 ``version``    integer format version; this module reads ``1`` (``FORMAT_VERSION``)
-``kind``       ``"dense"`` (every row has ``item_shape``); other kinds are reserved
+``kind``       ``"dense"`` (every row has ``item_shape``; the default when the key is missing),
+               ``"ragged"`` or ``"sparse"`` (below)
 ``dtype``      NumPy dtype string with explicit byte order, e.g. ``"<f4"``, ``"|u1"``
-``item_shape`` list of non-negative ints, the shape of one row (``[]`` for scalars)
+``item_shape`` list of non-negative ints, the shape of one row (``[]`` for scalars); for ragged
+               stores the *trailing* shape, for sparse stores ``[size]``
 ``rows``       total number of rows, the sum of the shards' rows
 ``shards``     list of ``{"file": name, "rows": int, "checksum": "sha256:<hex>"}``, in row order;
                ``file`` is a bare file name inside the store directory (no ``/``, no ``..``);
@@ -52,6 +59,58 @@ format name and version, field types, the dtype (no object, structured/void or n
 dtypes), each shard's ``.npy`` header against the manifest (dtype, item shape, rows), each file
 size against ``header + rows * row_bytes``, and that shard names stay inside the directory.
 Checksums are checked only by ``verify()``: they need to read every byte.
+
+Ragged stores
+-------------
+``kind`` is ``"ragged"``. Item ``i`` is an array of shape ``(length_i, *item_shape)``, ``length_i >= 0``
+(empty items are allowed). Each shard is a pair of ``.npy`` files, written as for dense shards
+(version 1.0, reserved header, data aligned to ``ARRAY_ALIGN``)::
+
+    shard-000000.data.npy       # (length, *item_shape) of dtype: the shard's items, concatenated
+    shard-000000.offsets.npy    # (rows + 1,) '<i8': item r is data[offsets[r]:offsets[r + 1]]
+
+Offsets are little-endian int64 with ``offsets[0] == 0``, non-decreasing, and
+``offsets[rows] == length`` (the data file's row count), so ``length_i = offsets[r + 1] - offsets[r]``
+and every item lies inside the data file. A shard entry of the manifest names both files::
+
+    {"file": "shard-000000.data.npy", "offsets": "shard-000000.offsets.npy", "rows": r,
+     "length": n, "checksum": "sha256:<hex of data bytes>", "offsets_checksum": "sha256:<hex>"}
+
+``rows`` counts items, ``length`` counts elements along the first axis (data rows). Both checksums
+cover the data bytes of their file (not the header).
+
+Sparse stores
+-------------
+``kind`` is ``"sparse"``. Row ``i`` is a vector of ``size`` elements of ``dtype`` (its *values* dtype),
+stored CSR-style as the column indices of its stored entries and, optionally, their values
+(without values every stored entry is 1). The manifest adds two keys and requires
+``item_shape == [size]``:
+
+=============== ==========================================================================
+``size``        the dense length of a row, an int ``>= 0``
+``index_dtype`` the column index dtype, a signed or unsigned integer dtype string (``"<i4"``),
+                wide enough for ``size - 1``
+=============== ==========================================================================
+
+Each shard is two or three ``.npy`` files::
+
+    shard-000000.indices.npy    # (nnz,) of index_dtype: column indices, rows concatenated
+    shard-000000.offsets.npy    # (rows + 1,) '<i8', exactly as for ragged stores
+    shard-000000.values.npy     # (nnz,) of dtype: the values (absent in stores without values)
+
+with a shard entry ``{"file": <indices>, "offsets": ..., "values": ... (optional), "rows": r,
+"length": nnz, "checksum", "offsets_checksum", "values_checksum"}``; either every shard has
+``values`` or none. Every index is in ``[0, size)``; indices of a row need not be sorted, and a
+repeated index adds its values (as ``scipy.sparse`` does when converting to dense).
+
+Validation of ragged and sparse stores at open (``MemmapArray.open(..., validate=...)``): always the
+manifest, every ``.npy`` header against it and every file size (O(number of shards), as for dense
+stores); with the default ``validate="offsets"`` also every offsets file (O(rows): 8 bytes per item,
+read in chunks), so malformed offsets are refused at open. ``validate="lazy"`` checks a shard's
+offsets when the shard is first read, before any of its items is returned (for stores with so
+many items that reading 8 bytes per item at open is too slow). Sparse indices (O(nnz)) are
+range-checked on every read for the rows read; ``validate="full"`` and ``verify()`` check all of
+them at once.
 """
 import ast
 import json
@@ -67,8 +126,8 @@ import numpy as np
 from .errors import (FormatError, ShardMismatchError, StoreNotFoundError, TruncatedStoreError,
                      UnsafePathError, UnsupportedDtypeError)
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MANIFEST_NAME", "ARRAY_ALIGN", "ShardInfo", "Manifest",
-           "check_dtype", "npy_header_bytes", "read_npy_header", "shard_name", "describe"]
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MANIFEST_NAME", "ARRAY_ALIGN", "KINDS", "OFFSETS_DTYPE", "ShardInfo",
+           "Manifest", "check_dtype", "npy_header_bytes", "read_npy_header", "shard_name", "describe"]
 
 FORMAT_NAME = "fastai_memmap"
 FORMAT_VERSION = 1            # bump on any change a version-1 reader would misread
@@ -78,7 +137,8 @@ ARRAY_ALIGN = 64              # numpy.lib.format.ARRAY_ALIGN: data start aligned
 MAX_ROWS_DIGITS = 19          # len(str(2**63 - 1)): room reserved for the row count in a header
 MAX_MANIFEST_BYTES = 64 << 20  # a manifest larger than this is refused, not parsed
 MAX_NPY_HEADER = 10000        # numpy's own default max_header_size for untrusted headers
-KINDS = ("dense",)
+KINDS = ("dense", "ragged", "sparse")
+OFFSETS_DTYPE = np.dtype("<i8")  # ragged/sparse offsets: little-endian int64 whatever the machine
 _SHARD_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
@@ -100,9 +160,11 @@ def check_dtype(dtype: Any, what: str = "dtype") -> np.dtype:
     return dt
 
 
-def shard_name(i: int) -> str:
-    "File name of shard number `i` as written by `MemmapWriter`: ``shard-000000.npy``."
-    return f"shard-{i:06d}.npy"
+def shard_name(i: int, part: Optional[str] = None) -> str:
+    """File name of shard number `i` as written by `MemmapWriter`: ``shard-000000.npy``, or
+    ``shard-000000.{part}.npy`` for a `part` (``data``, ``offsets``, ``indices``, ``values``) of a
+    ragged or sparse shard."""
+    return f"shard-{i:06d}.npy" if part is None else f"shard-{i:06d}.{part}.npy"
 
 
 def _header_dict(dtype: np.dtype, shape: Tuple[int, ...]) -> str:
@@ -185,10 +247,26 @@ def _is_int(x: Any) -> bool:
 
 @dataclass(frozen=True)
 class ShardInfo:
-    "One shard of a store: file name (inside the store directory), row count, checksum or None."
+    """One shard of a store: file name (inside the store directory), row count, checksum or None.
+
+    Ragged and sparse shards also name their `offsets` file and, for sparse stores with values,
+    their `values` file, with checksums; `length` is the number of data elements (first-axis rows
+    of `file`). These fields are None for dense shards.
+    """
     file: str
     rows: int
     checksum: Optional[str] = None
+    offsets: Optional[str] = None
+    offsets_checksum: Optional[str] = None
+    length: Optional[int] = None
+    values: Optional[str] = None
+    values_checksum: Optional[str] = None
+
+    @property
+    def files(self) -> Tuple[str, ...]:
+        "Every file of the shard: ``(file,)`` or ``(file, offsets[, values])``."
+        return tuple(f for f in (self.file, self.offsets, self.values) if f is not None)
+
 
 
 @dataclass(frozen=True)
@@ -196,7 +274,8 @@ class Manifest:
     """The validated header of a store (see module docstring). Frozen: build a new one to change it.
 
     `item_shape` is a tuple of ints, `dtype` a ``np.dtype``, `rows` the total row count,
-    `shards` a tuple of ``ShardInfo`` in row order, `meta` a JSON-compatible dict.
+    `shards` a tuple of ``ShardInfo`` in row order, `meta` a JSON-compatible dict. Sparse stores
+    also have `size` (int) and `index_dtype` (``np.dtype``); both are None for other kinds.
     """
     dtype: np.dtype
     item_shape: Tuple[int, ...]
@@ -204,11 +283,23 @@ class Manifest:
     meta: Dict[str, Any] = field(default_factory=dict)
     kind: str = "dense"
     version: int = FORMAT_VERSION
+    size: Optional[int] = None
+    index_dtype: Optional[np.dtype] = None
 
     @property
     def rows(self) -> int:
         "Total number of rows (sum over shards)."
         return sum(s.rows for s in self.shards)
+
+    @property
+    def length(self) -> int:
+        "Total number of data elements of a ragged or sparse store (sum of the shards' `length`)."
+        return sum(s.length or 0 for s in self.shards)
+
+    @property
+    def has_values(self) -> bool:
+        "Whether a sparse store stores values (else every stored entry is 1)."
+        return bool(self.shards) and self.shards[0].values is not None
 
     @property
     def row_bytes(self) -> int:
@@ -217,10 +308,13 @@ class Manifest:
 
     def to_dict(self) -> Dict[str, Any]:
         "The manifest as a JSON-compatible dict (the exact content of ``manifest.json``)."
-        return {"format": FORMAT_NAME, "version": self.version, "kind": self.kind,
-                "dtype": self.dtype.str, "item_shape": list(self.item_shape), "rows": self.rows,
-                "shards": [{k: v for k, v in asdict(s).items() if v is not None} for s in self.shards],
-                "meta": self.meta}
+        d = {"format": FORMAT_NAME, "version": self.version, "kind": self.kind,
+             "dtype": self.dtype.str, "item_shape": list(self.item_shape), "rows": self.rows,
+             "shards": [{k: v for k, v in asdict(s).items() if v is not None} for s in self.shards],
+             "meta": self.meta}
+        if self.kind == "sparse":
+            d.update(size=self.size, index_dtype=self.index_dtype.str)
+        return d
 
     def to_json(self) -> str:
         "The manifest serialised as JSON text."
@@ -253,29 +347,61 @@ class Manifest:
         shape = d["item_shape"]
         if not all(_is_int(s) and s >= 0 for s in shape):
             raise FormatError(f"{where}: expected item_shape of non-negative ints, found {shape!r:.200}")
-        shards = tuple(cls._shard_from_dict(s, where) for s in d["shards"])
-        names = [s.file for s in shards]
+        shards = tuple(cls._shard_from_dict(s, where, kind) for s in d["shards"])
+        names = [f for s in shards for f in s.files]
         if len(set(names)) != len(names):
             raise FormatError(f"{where}: expected distinct shard files, found duplicates in {names!r:.200}")
-        m = cls(dtype=dtype, item_shape=tuple(shape), shards=shards, meta=d["meta"], kind=kind)
+        size, index_dtype = cls._sparse_fields(d, where, shards) if kind == "sparse" else (None, None)
+        m = cls(dtype=dtype, item_shape=tuple(shape), shards=shards, meta=d["meta"], kind=kind,
+                size=size, index_dtype=index_dtype)
         if m.rows != d["rows"]:
             raise ShardMismatchError(f"{where}: expected rows == sum of shard rows, found rows={d['rows']} "
                                      f"and shards summing to {m.rows}")
         return m
 
     @staticmethod
-    def _shard_from_dict(s: Any, where: str) -> ShardInfo:
+    def _sparse_fields(d: Dict[str, Any], where: str, shards: Tuple[ShardInfo, ...]) -> Tuple[int, np.dtype]:
+        size = d.get("size")
+        if not _is_int(size) or size < 0:
+            raise FormatError(f"{where}: expected 'size' (an int >= 0, the dense row length) in a sparse store, "
+                              f"found {size!r:.100}")
+        if d["item_shape"] != [size]:
+            raise FormatError(f"{where}: expected item_shape [size] = [{size}] in a sparse store, "
+                              f"found {d['item_shape']!r:.100}")
+        if not isinstance(d.get("index_dtype"), str):
+            raise FormatError(f"{where}: expected 'index_dtype' (a dtype string) in a sparse store, "
+                              f"found {d.get('index_dtype')!r:.100}")
+        index_dtype = check_dtype(d["index_dtype"], what=f"{where}: index_dtype")
+        if index_dtype.kind not in "iu" or (size and size - 1 > np.iinfo(index_dtype).max):
+            raise FormatError(f"{where}: expected an integer index_dtype that holds {max(size - 1, 0)}, "
+                              f"found {index_dtype.str}")
+        with_values = {s.values is not None for s in shards}
+        if len(with_values) > 1:
+            raise FormatError(f"{where}: expected 'values' in every shard entry or in none, found it in "
+                              f"{sum(s.values is not None for s in shards)} of {len(shards)}")
+        return size, index_dtype
+
+    @staticmethod
+    def _shard_from_dict(s: Any, where: str, kind: str = "dense") -> ShardInfo:
         if not isinstance(s, dict) or not isinstance(s.get("file"), str) or not _is_int(s.get("rows")):
             raise FormatError(f"{where}: expected shard entries {{'file': str, 'rows': int}}, found {s!r:.200}")
-        name, rows, ck = s["file"], s["rows"], s.get("checksum")
-        if not _SHARD_RE.fullmatch(name) or name in (".", "..") or name == MANIFEST_NAME:
-            raise UnsafePathError(f"{where}: expected a bare file name inside the store for a shard, found {name!r}; "
-                                  "absolute paths, '/' and '..' are refused")
+        name, rows = _check_name(s["file"], where), s["rows"]
         if rows < 0:
             raise FormatError(f"{where}: shard {name}: expected rows >= 0, found {rows}")
-        if ck is not None and not (isinstance(ck, str) and re.fullmatch(r"sha256:[0-9a-f]{64}", ck)):
-            raise FormatError(f"{where}: shard {name}: expected checksum 'sha256:<64 hex>', found {ck!r:.100}")
-        return ShardInfo(name, rows, ck)
+        ck = _checksum(s, "checksum", name, where)
+        if kind == "dense":
+            return ShardInfo(name, rows, ck)
+        if not isinstance(s.get("offsets"), str) or not _is_int(s.get("length")) or s["length"] < 0:
+            raise FormatError(f"{where}: shard {name}: expected 'offsets' (a file name) and 'length' (an int >= 0) "
+                              f"in a {kind} store's shard entry, found {s!r:.200}")
+        values = s.get("values")
+        if values is not None and (kind != "sparse" or not isinstance(values, str)):
+            raise FormatError(f"{where}: shard {name}: expected no 'values' file in a {kind} store's shard entry "
+                              f"(only sparse stores have one, a file name), found {values!r:.100}")
+        return ShardInfo(name, rows, ck, offsets=_check_name(s["offsets"], where),
+                         offsets_checksum=_checksum(s, "offsets_checksum", name, where), length=s["length"],
+                         values=None if values is None else _check_name(values, where),
+                         values_checksum=_checksum(s, "values_checksum", name, where))
 
     @classmethod
     def load(cls, store_dir: Path) -> "Manifest":
@@ -293,6 +419,20 @@ class Manifest:
         except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, int digits limit
             raise FormatError(f"{path}: expected UTF-8 JSON, found unparsable content ({e})") from None
         return cls.from_dict(d, where=str(path))
+
+
+def _check_name(name: str, where: str) -> str:
+    if not _SHARD_RE.fullmatch(name) or name in (".", "..") or name == MANIFEST_NAME:
+        raise UnsafePathError(f"{where}: expected a bare file name inside the store for a shard, found {name!r}; "
+                              "absolute paths, '/' and '..' are refused")
+    return name
+
+
+def _checksum(s: Dict[str, Any], key: str, name: str, where: str) -> Optional[str]:
+    ck = s.get(key)
+    if ck is not None and not (isinstance(ck, str) and re.fullmatch(r"sha256:[0-9a-f]{64}", ck)):
+        raise FormatError(f"{where}: shard {name}: expected {key} 'sha256:<64 hex>', found {ck!r:.100}")
+    return ck
 
 
 def confined_path(store_dir: Path, name: str) -> Path:

@@ -46,8 +46,13 @@ class MemmapArray:
 
     # ---------------------------------------------------------------- opening
     @classmethod
-    def open(cls, path: Union[str, Path], max_open: int = DEFAULT_MAX_OPEN) -> "MemmapArray":
+    def open(cls, path: Union[str, Path], max_open: int = DEFAULT_MAX_OPEN, validate: str = "offsets") -> "MemmapArray":
         """Open the store at `path` (directory, ``manifest.json`` or ``.npy`` file) and validate it.
+
+        A store of kind ``"ragged"`` or ``"sparse"`` opens as a `RaggedArray` / `SparseArray`
+        (`fastai_memmap.ragged`, `fastai_memmap.sparse`); `validate` (``"offsets"``, ``"lazy"``,
+        ``"full"``) says how much of their offsets and indices is checked at open (see
+        `fastai_memmap.format`); dense stores ignore it.
 
         Raises ``StoreNotFoundError`` (missing path, manifest or shard), ``FormatError`` (bad manifest
         or ``.npy`` header), ``TruncatedStoreError`` (file size differs from header),
@@ -59,6 +64,9 @@ class MemmapArray:
             p = p.parent
         if p.is_dir():
             m = Manifest.load(p)
+            if m.kind != "dense":
+                from .ragged import open_store_kind
+                return open_store_kind(p, m, max_open=max_open, validate=validate)
             offsets = [cls._check_shard(p, s, m) for s in m.shards]
             return cls(p, m, offsets, max_open=max_open)
         if p.is_file():
@@ -87,6 +95,11 @@ class MemmapArray:
         return offset
 
     # ---------------------------------------------------------------- properties
+    @property
+    def kind(self) -> str:
+        "The store kind: always ``'dense'`` for a `MemmapArray`."
+        return self.manifest.kind
+
     @property
     def dtype(self) -> np.dtype:
         "Element dtype of every row."
@@ -280,6 +293,6 @@ def _rebuild(path: str, manifest: Dict[str, Any], offsets: List[int], max_open: 
     return MemmapArray(path, Manifest.from_dict(manifest, where=path), offsets, max_open=max_open)
 
 
-def open_memmap(path: Union[str, Path], max_open: int = DEFAULT_MAX_OPEN) -> MemmapArray:
-    "Shorthand for ``MemmapArray.open(path, max_open)``."
-    return MemmapArray.open(path, max_open=max_open)
+def open_memmap(path: Union[str, Path], max_open: int = DEFAULT_MAX_OPEN, validate: str = "offsets") -> MemmapArray:
+    "Shorthand for ``MemmapArray.open(path, max_open, validate)``."
+    return MemmapArray.open(path, max_open=max_open, validate=validate)

@@ -58,6 +58,9 @@ class MemmapWriter:
         Expected number of rows, only for the progress bar.
     progress : bool
         Show a fastprogress bar (needs `total`).
+    kind : str
+        ``"dense"`` (this class); ``"ragged"`` or ``"sparse"`` construct a `RaggedWriter` /
+        `SparseWriter` instead (their extra keywords, e.g. ``size=``, pass through).
 
     Raises
     ------
@@ -71,10 +74,15 @@ class MemmapWriter:
         An ``OSError`` (disk full, file too large...) while writing; nothing is committed.
     """
 
+    def __new__(cls, *args: Any, kind: str = "dense", **kwargs: Any) -> "MemmapWriter":
+        if cls is MemmapWriter and kind != "dense":
+            cls = _writer_class(kind)
+        return super().__new__(cls)
+
     def __init__(self, path: Union[str, Path], dtype: Any, item_shape: Sequence[int] = (),
                  shard_rows: Optional[int] = None, shard_bytes: int = DEFAULT_SHARD_BYTES,
                  overwrite: bool = False, meta: Optional[Dict[str, Any]] = None,
-                 total: Optional[int] = None, progress: bool = False):
+                 total: Optional[int] = None, progress: bool = False, kind: str = "dense"):
         self.path = Path(path)
         self.dtype = check_dtype(dtype)
         shape = tuple(item_shape) if isinstance(item_shape, (tuple, list)) else (item_shape,)
@@ -142,14 +150,18 @@ class MemmapWriter:
             a = np.ascontiguousarray(a.astype(self.dtype, casting="same_kind", copy=False))
         except TypeError:
             raise ItemShapeError(f"{self.path}: expected values castable to {self.dtype} (same kind), found {a.dtype}") from None
+        self._guard(self._write, a)
+        if self._pbar is not None:
+            self._pbar.update(min(self.rows, self.total))
+
+    def _guard(self, write, *args: Any) -> None:
+        "Call ``write(*args)``; on an ``OSError`` abort and raise ``StoreWriteError``."
         try:
-            self._write(a)
+            write(*args)
         except OSError as e:
             self.abort()
             raise StoreWriteError(e.errno, f"{self.path}: writing failed ({os.strerror(e.errno or 0) or e}); "
                                   "nothing was committed, the target is unchanged") from e
-        if self._pbar is not None:
-            self._pbar.update(min(self.rows, self.total))
 
     def _write(self, a: np.ndarray) -> None:
         start = 0
@@ -201,8 +213,7 @@ class MemmapWriter:
                 self._new_shard()
             if self._f is not None:
                 self._finish_shard()
-            m = Manifest(dtype=self.dtype, item_shape=self.item_shape, meta=self.meta,
-                         shards=tuple(ShardInfo(n, r, c) for n, r, c in self._shards))
+            m = self._manifest()
             _write_fsync(self._tmp / MANIFEST_NAME, m.to_json().encode("utf8"))
             _fsync_dir(self._tmp)
             self._commit()
@@ -218,6 +229,11 @@ class MemmapWriter:
         self._committed = True
         self._release()
         return self.path
+
+    def _manifest(self) -> Manifest:
+        "The manifest of the finished shards."
+        return Manifest(dtype=self.dtype, item_shape=self.item_shape, meta=self.meta,
+                        shards=tuple(ShardInfo(n, r, c) for n, r, c in self._shards))
 
     def _commit(self) -> None:
         old = None
@@ -254,6 +270,17 @@ class MemmapWriter:
         if self._lock is not None:
             os.close(self._lock)   # closing the descriptor releases the flock
             self._lock = None
+
+
+def _writer_class(kind: str) -> type:
+    "The writer class of a store `kind` other than dense (imported lazily: the dense writer needs neither)."
+    if kind == "ragged":
+        from .ragged import RaggedWriter
+        return RaggedWriter
+    if kind == "sparse":
+        from .sparse import SparseWriter
+        return SparseWriter
+    raise ValueError(f"kind: expected 'dense', 'ragged' or 'sparse', found {kind!r}")
 
 
 def _take_lock(lock_path: Path, target: Path) -> int:
@@ -308,7 +335,7 @@ def _check_json(meta: Dict[str, Any], path: Path) -> None:
 
 
 def save_memmap(path: Union[str, Path], data: Any, dtype: Any = None, item_shape: Optional[Sequence[int]] = None,
-                batch_rows: int = 65536, **kwargs) -> Path:
+                batch_rows: int = 65536, kind: Optional[str] = None, **kwargs) -> Path:
     """Write `data` to a new store at `path` and return the path.
 
     Parameters
@@ -321,6 +348,12 @@ def save_memmap(path: Union[str, Path], data: Any, dtype: Any = None, item_shape
         Default: from `data` (for an iterable, from its first batch).
     batch_rows : int
         Rows copied per write when `data` is an array.
+    kind : str, optional
+        ``"ragged"``: `data` is an iterable of variable-length items ``(length_i, *item_shape)``,
+        written by `fastai_memmap.ragged.save_ragged` (an iterable of arrays is a dense iterable of
+        batches unless this is given; a numpy object array of arrays is ragged by default).
+        ``"sparse"``: `data` is a ``scipy.sparse`` matrix (the default for one) or an iterable of
+        them, written in row chunks by `fastai_memmap.sparse.save_sparse`.
     **kwargs
         Passed to `MemmapWriter` (``overwrite``, ``shard_rows``, ``shard_bytes``, ``meta``, ``progress``).
 
@@ -335,6 +368,15 @@ def save_memmap(path: Union[str, Path], data: Any, dtype: Any = None, item_shape
         from .parallel import save_dask
         kwargs.pop("total", None)
         return save_dask(path, data, dtype=dtype, **kwargs)
+    kind = kind or _infer_kind(data)
+    if kind == "ragged":
+        from .ragged import save_ragged
+        return save_ragged(path, data, dtype=dtype, item_shape=item_shape, batch_rows=batch_rows, **kwargs)
+    if kind == "sparse":
+        from .sparse import save_sparse
+        return save_sparse(path, data, dtype=dtype, batch_rows=batch_rows, **kwargs)
+    if kind != "dense":
+        raise ValueError(f"kind: expected 'dense', 'ragged' or 'sparse', found {kind!r}")
     if hasattr(data, "shape") and hasattr(data, "dtype"):
         n = data.shape[0] if len(data.shape) else None
         if n is None:
@@ -357,6 +399,15 @@ def save_memmap(path: Union[str, Path], data: Any, dtype: Any = None, item_shape
         for b in batches:
             w.append(b)
     return Path(path)
+
+
+def _infer_kind(data: Any) -> str:
+    "``'sparse'`` for a scipy.sparse matrix or array, ``'ragged'`` for a numpy object array, else ``'dense'``."
+    if type(data).__module__.startswith("scipy.sparse"):
+        return "sparse"
+    if isinstance(data, np.ndarray) and data.dtype == object:
+        return "ragged"
+    return "dense"
 
 
 def _chain(first: Optional[np.ndarray], rest: Iterable) -> Iterable:
