@@ -15,7 +15,9 @@ from fastai.data_block import ItemList, PreProcessor
 from .batching import FastLabelList, MemmapDataBunch
 from .errors import ItemShapeError, MemmapError, ShardMismatchError
 from .format import describe
+from .ragged import RaggedArray
 from .reader import MemmapArray
+from .sparse import SparseArray
 
 __all__ = ["RowIndex", "MemmapItem", "MemmapProcessor", "MemmapItemList", "open_store"]
 
@@ -23,8 +25,19 @@ PathOrStore = Union[str, Path, MemmapArray]
 
 
 def open_store(path: PathOrStore) -> MemmapArray:
-    "`path` if it is already a `MemmapArray`, else ``MemmapArray.open(path)`` (raises its errors)."
-    return path if isinstance(path, MemmapArray) else MemmapArray.open(path)
+    "`path` if it is already an open store (dense, ragged or sparse), else ``MemmapArray.open(path)`` (raises its errors)."
+    return path if isinstance(path, (MemmapArray, RaggedArray, SparseArray)) else MemmapArray.open(path)
+
+
+def _list_class(cls: type, store: Any) -> type:
+    "`RaggedItemList` / `SparseItemList` for a ragged / sparse store when `from_memmap` is called on `MemmapItemList`."
+    if cls is not MemmapItemList or getattr(store, "kind", "dense") == "dense":
+        return cls
+    if store.kind == "ragged":
+        from .ragged_items import RaggedItemList
+        return RaggedItemList
+    from .sparse_items import SparseItemList
+    return SparseItemList
 
 
 class RowIndex(np.ndarray):
@@ -190,9 +203,13 @@ class MemmapItemList(ItemList):
         item_path : path, optional
             fastai's ``path`` (where ``models/`` and ``export.pkl`` go); default: the store's parent.
 
+        On `MemmapItemList` itself, a ragged store gives a `RaggedItemList` and a sparse store a
+        `SparseItemList` (their keywords, e.g. ``pad_value``, pass through `kwargs`).
+
         Raises the errors of ``MemmapArray.open``; ``ItemShapeError`` if `inner_df` is not aligned.
         """
         store = open_store(path)
+        cls = _list_class(cls, store)
         rows = np.arange(len(store), dtype=np.int64) if rows is None else RowIndex(rows, store)
         if len(rows) and (rows.min() < 0 or rows.max() >= len(store)):
             raise ItemShapeError(f"{store.path}: expected rows in [0, {len(store)}), found {rows.min()}..{rows.max()}")

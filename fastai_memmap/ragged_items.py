@@ -1,0 +1,130 @@
+"""`RaggedItemList`: the items of a ragged store (token ids, point clouds...) in fastai v1's data block API.
+
+``MemmapItemList.from_memmap(ragged_store)`` returns one. Items are row numbers (a `RowIndex`) as for
+dense stores; ``get(i)`` reads one item, ``get_batch`` (the batch fast path of `FastLabelList`) reads
+a whole batch with one sorted gather per shard and pads it with `pad_ragged`. ``databunch()`` builds
+a `RaggedDataBunch` (padding collate, `BucketSampler` unless ``bucket=False``).
+"""
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from fastai.core import ItemBase, is_listy
+from fastai.data_block import PreProcessor
+
+from .errors import ItemShapeError, ShardMismatchError
+from .format import describe
+from .items import MemmapItem, MemmapItemList
+from .padding import PAD_OUTPUTS, RaggedDataBunch, pad_ragged
+
+__all__ = ["RaggedItem", "RaggedProcessor", "RaggedItemList", "item_tensor"]
+
+
+def item_tensor(a: np.ndarray) -> torch.Tensor:
+    "`a` as a tensor: int64 for integer and bool data (token ids, classes), float32 otherwise (a copy)."
+    return torch.from_numpy(np.array(a, dtype=np.int64 if a.dtype.kind in "biu" else np.float32))
+
+
+class RaggedItem(MemmapItem):
+    """One ragged item: `data` is a tensor of shape ``(length, *trailing_shape)`` (int64 for integer
+    stores, float32 otherwise)."""
+
+    def __str__(self) -> str:
+        d = self.data
+        if d.ndim == 1 and d.numel() <= 12:
+            return str(d.tolist())
+        return f"{tuple(d.shape)} {d.dtype}"
+
+
+class RaggedProcessor(PreProcessor):
+    """Records a ragged or sparse store's kind, dtype and item shape; checks lists against them.
+
+    State (kept by `export` for `load_learner`): ``kind``, ``dtype`` (str), ``shape`` (the trailing
+    shape of a ragged item, ``(size,)`` for sparse rows), ``meta``. Never a reference to the data.
+    """
+
+    def __init__(self, ds: Optional[Any] = None):
+        store = getattr(ds, "store", None)
+        self.kind = None if store is None else store.kind
+        self.dtype = None if store is None else store.dtype.str
+        self.shape = None if store is None else tuple(_shape(store))
+        self.meta = {} if store is None else dict(store.meta)
+
+    def process(self, ds: Any) -> None:
+        "Check that `ds`'s store has the kind, dtype and item shape this processor was fitted on."
+        store = ds.store
+        if store is None or self.kind is None:
+            return
+        if (store.kind, store.dtype.str, tuple(_shape(store))) != (self.kind, self.dtype, self.shape):
+            raise ShardMismatchError(
+                f"{store.path}: expected a {self.kind} store of {describe(np.dtype(self.dtype), self.shape)} items "
+                f"(as in the training store), found a {store.kind} store of {describe(store.dtype, _shape(store))}")
+
+    def process_one(self, item: Any) -> Any:
+        "Turn a raw item (array, tensor or list; a dense or scipy row for sparse lists) into an item."
+        if isinstance(item, ItemBase):
+            return item
+        if self.kind == "sparse":
+            from .sparse_items import SparseItem
+            a = item.toarray().reshape(-1) if hasattr(item, "toarray") else _numpy(item)
+            if self.shape is not None and a.shape != self.shape:
+                raise ItemShapeError(f"predict: expected a row of shape {self.shape}, found {a.shape}")
+            return SparseItem(torch.from_numpy(np.array(a, dtype=np.float32)))
+        a = _numpy(item)
+        if self.shape is not None and (a.ndim != len(self.shape) + 1 or a.shape[1:] != self.shape):
+            raise ItemShapeError(f"predict: expected an item of shape (length, {', '.join(map(str, self.shape))}), "
+                                 f"found {a.shape}")
+        return RaggedItem(item_tensor(a.astype(np.dtype(self.dtype), copy=False) if self.dtype else a))
+
+
+def _shape(store: Any) -> tuple:
+    return store.trailing_shape if store.kind == "ragged" else store.item_shape
+
+
+def _numpy(item: Any) -> np.ndarray:
+    return np.asarray(item.cpu() if isinstance(item, torch.Tensor) else item)
+
+
+class RaggedItemList(MemmapItemList):
+    """An `ItemList` over the items of a ragged store; create it with ``MemmapItemList.from_memmap(path)``.
+
+    ``get(i)`` returns a `RaggedItem` (tensor ``(length_i, *trailing_shape)``). Batches are padded to
+    their longest item with `pad_value`, after the items (``pad_first=False``) or before them; the
+    input of the model is ``[x, lengths]`` (``output="lengths"``: the model's ``forward(x, lengths)``),
+    ``[x, mask]`` (``output="mask"``, True at padding) or ``x`` (``output=None``). Integer stores give
+    int64 tensors, others float32.
+    """
+    _processor = RaggedProcessor
+    _bunch = RaggedDataBunch
+
+    def __init__(self, items: Any, store: Optional[Any] = None, pad_value: Any = 0, pad_first: bool = False,
+                 output: Optional[str] = "lengths", **kwargs):
+        super().__init__(items, store=store, **kwargs)
+        if self.store is not None and self.store.kind != "ragged":
+            raise ItemShapeError(f"{self.store.path}: expected a ragged store for {type(self).__name__}, found "
+                                 f"kind {self.store.kind!r}")
+        if output not in PAD_OUTPUTS:
+            raise ValueError(f"output: expected one of {PAD_OUTPUTS}, found {output!r}")
+        self.pad_value, self.pad_first, self.output = pad_value, pad_first, output
+        self.copy_new += ["pad_value", "pad_first", "output"]
+
+    def get(self, i: int) -> RaggedItem:
+        "Item `self.items[i]` of the store as a `RaggedItem` (a copy)."
+        return RaggedItem(item_tensor(self._store()[int(self.items[i])]))
+
+    def get_batch(self, idxs: np.ndarray) -> Any:
+        "Items at positions `idxs`, padded: ``[x, lengths]``, ``[x, mask]`` or ``x`` (batch fast path; one gather per shard)."
+        data, lengths = self._store().gather(np.asarray(self.items)[idxs])
+        return pad_ragged(data, lengths, self.pad_value, self.pad_first, self.output)
+
+    def lengths(self) -> np.ndarray:
+        "Lengths of the list's items, in list order (int64, O(len(self)) reads of 16 bytes)."
+        return self._store().lengths(np.asarray(self.items))
+
+    def reconstruct(self, t: Any, x: Any = None) -> RaggedItem:
+        "Rebuild a `RaggedItem` from a padded row (and its length or mask, if the batch carries one)."
+        if not is_listy(t):
+            return RaggedItem(t)
+        x, extra = t[0], t[1]
+        n = int(extra) if extra.ndim == 0 else int((~extra.bool()).sum())
+        return RaggedItem(x[len(x) - n:] if self.pad_first else x[:n])
