@@ -1,0 +1,266 @@
+"""Language modelling from a ragged store of token ids, for fastai v1's ``language_model_learner``.
+
+Write the corpus once as a ragged store of integer token ids (one item per document), with the
+vocabulary in its meta, then train from it; no token list is ever held in RAM::
+
+    save_memmap("corpus", docs, kind="ragged", dtype=np.int32, meta={"itos": itos})   # docs: iterable of id arrays
+    data = MemmapLMDataBunch.from_memmap("corpus", bs=64, bptt=70)
+    text = import_fastai_text()
+    learn = text.language_model_learner(data, text.AWD_LSTM, pretrained=False)
+    learn.fit_one_cycle(1, 1e-2)
+
+`LMStream` replaces fastai's ``LanguageModelPreLoader``: the same contiguous ``bs`` streams cut in
+``bptt`` windows (so an RNN's hidden state carries over from one batch to the next), read from the
+store per batch with one sorted gather per shard. RAM holds O(documents) integers, not O(tokens).
+
+What works on this stack (fastai 1.0.61, torch 2.x, numpy 1.26, spacy not installed), and why
+-----------------------------------------------------------------------------------------------
+- ``import fastai.text`` fails with ``ModuleNotFoundError: No module named 'spacy'``:
+  ``fastai/text/__init__.py`` imports ``text/transform.py``, whose first lines are ``import spacy`` and
+  ``from spacy.symbols import ORTH``; every ``fastai.text`` submodule (``models.awd_lstm``,
+  ``learner``) goes through that package ``__init__``, so none imports without spacy. spacy is
+  not installed here and cannot be installed offline.
+- `import_fastai_text` imports ``fastai.text`` anyway when spacy is missing: it puts a placeholder
+  ``spacy`` module (``spacy.symbols.ORTH``, the only name used at import time) in ``sys.modules``
+  for the duration of the import, removes it afterwards (``import spacy`` still fails elsewhere),
+  and re-applies `fastai_memmap.compat` (``np.int`` in ``text/data.py``). With it these work:
+  ``AWD_LSTM`` and ``Transformer``/``TransformerXL`` models, ``get_language_model``,
+  ``language_model_learner(data, AWD_LSTM, pretrained=False)`` on a `MemmapLMDataBunch`, training,
+  validation, ``accuracy``/``Perplexity`` metrics, ``learn.save``/``learn.load``, ``Vocab``.
+- Does not work without spacy: tokenising raw text (``SpacyTokenizer``, hence ``TokenizeProcessor``,
+  ``TextList.from_folder/from_df/from_csv``, ``TextLMDataBunch.from_*``) and ``learn.predict(text)``
+  (it tokenises its input): the placeholder raises ``FastaiCompatError`` naming spacy. Tokenise
+  elsewhere (any tokenizer) and store the ids. ``pretrained=True`` downloads WT103 weights: it
+  needs network access (not available here), not spacy.
+- ``learn.export()``/``load_learner`` are not supported for a `MemmapLMDataBunch` (fastai's text
+  export pickles the ``LabelList`` state of a ``TextLMDataBunch``, which this bunch does not have).
+"""
+import sys
+import types
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from fastai.basic_data import DataBunch
+from fastai.callback import Callback
+from fastai.layers import CrossEntropyFlat
+from torch.utils.data import DataLoader
+
+from .batching import Collated, memmap_collate
+from .errors import FastaiCompatError, ItemShapeError, TokenIdError
+from .items import open_store
+from .ragged import RaggedArray, norm_rows
+
+__all__ = ["LMStream", "MemmapLMDataBunch", "import_fastai_text", "lm_vocab"]
+
+
+# ---------------------------------------------------------------------------------------- fastai.text
+def _spacy_placeholder() -> types.ModuleType:
+    "A stand-in for spacy with what ``fastai/text/transform.py`` touches at import time; anything else raises."
+    def missing(name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise FastaiCompatError(f"spacy.{name}: spacy is not installed, fastai.text was imported without it; "
+                                "expected pre-tokenised token ids (see fastai_memmap.text), found a call that "
+                                "tokenises text (SpacyTokenizer); install spacy to tokenise with fastai")
+    spacy, symbols = types.ModuleType("spacy"), types.ModuleType("spacy.symbols")
+    symbols.ORTH = 65            # spacy.symbols.ORTH in spacy 2.x/3.x; only used to add special cases
+    spacy.symbols, spacy.__getattr__ = symbols, missing
+    return spacy
+
+
+def import_fastai_text() -> types.ModuleType:
+    """Import and return ``fastai.text``, even when spacy is not installed (see the module docstring).
+
+    With spacy installed this is ``import fastai.text``. Without it a placeholder ``spacy`` module is
+    present only during the import; ``SpacyTokenizer`` then raises ``FastaiCompatError``. Applies
+    `fastai_memmap.compat` to the newly imported modules. Raises ``FastaiCompatError`` if
+    ``fastai.text`` still cannot be imported.
+    """
+    if "fastai.text" in sys.modules:
+        return sys.modules["fastai.text"]
+    from . import compat
+    try:
+        import spacy  # noqa: F401
+        placeholder = None
+    except ImportError:
+        placeholder = _spacy_placeholder()
+        sys.modules["spacy"], sys.modules["spacy.symbols"] = placeholder, placeholder.symbols
+    try:
+        import fastai.text
+    except ImportError as e:
+        raise FastaiCompatError(f"fastai.text: expected it to import, found {type(e).__name__}: {e}") from e
+    finally:
+        if placeholder is not None:   # `import spacy` fails again after the import, as before it
+            for name, module in (("spacy", placeholder), ("spacy.symbols", placeholder.symbols)):
+                if sys.modules.get(name) is module:
+                    del sys.modules[name]
+    compat.apply()
+    return fastai.text
+
+
+def lm_vocab(vocab: Any, store: Any) -> Any:
+    """The fastai ``Vocab`` of a language model over `store`.
+
+    `vocab` may be a ``Vocab`` (returned as is), a list of token strings (``itos``), an int (the
+    vocabulary size; tokens are named by their id), or None: ``store.meta['itos']``, else
+    ``store.meta['vocab_size']``. Raises ``ValueError`` if none is available.
+    """
+    if hasattr(vocab, "itos"):
+        return vocab
+    if vocab is None:
+        vocab = store.meta.get("itos", store.meta.get("vocab_size"))
+    if vocab is None:
+        raise ValueError(f"{store.path}: expected a vocab (Vocab, itos list or size), or 'itos' / 'vocab_size' "
+                         "in the store's meta; found none")
+    itos = [str(i) for i in range(vocab)] if isinstance(vocab, (int, np.integer)) else [str(t) for t in vocab]
+    return import_fastai_text().Vocab(itos)
+
+
+# ---------------------------------------------------------------------------------------- the stream
+class LMStream(Callback):
+    """Language-model batches read from a ragged store of token ids (fastai's ``LanguageModelPreLoader``,
+    tokens on disk).
+
+    The documents `rows` are concatenated (in a new random order each epoch if `shuffle`) into one
+    stream of ``T`` tokens, cut into `bs` contiguous sub-streams of ``L = T // bs`` tokens (the last
+    ``T - bs * L`` tokens of an epoch are not used). Batch ``b`` holds for each sub-stream ``j`` the input
+    ``x = stream_j[b * bptt : b * bptt + sl]`` and the target ``y``, the same window shifted by one token,
+    with ``sl = min(bptt, L - 1 - b * bptt)`` (only the last batch is shorter). Row ``j`` of batch ``b + 1``
+    continues row ``j`` of batch ``b``, as a stateful RNN (AWD-LSTM) needs. Item ``k`` is row
+    ``k % bs`` of batch ``k // bs``: a loader with ``batch_size=bs, shuffle=False`` yields the batches in
+    order, through `__getitems__` (one sorted gather per shard, int64 tensors ``(bs, sl)``).
+
+    RAM: three int64 arrays per document (start, length, order), never the tokens. The epoch's order
+    is drawn in `on_epoch_begin` in the main process (fastai calls it: the dataset is a `Callback`),
+    so workers (fork or spawn) read the same order; there is no per-row state.
+
+    Raises ``ItemShapeError`` (not a ragged integer store of scalar tokens, fewer than ``2 * bs``
+    tokens) and ``TokenIdError`` (a token id outside ``[0, vocab_size)`` in a batch read).
+    """
+
+    def __init__(self, store: RaggedArray, rows: Any = None, bs: int = 64, bptt: int = 70, shuffle: bool = False,
+                 backwards: bool = False, vocab_size: Optional[int] = None):
+        if getattr(store, "kind", None) != "ragged" or store.dtype.kind not in "iu" or store.trailing_shape != ():
+            raise ItemShapeError(f"{getattr(store, 'path', store)}: expected a ragged store of integer token ids "
+                                 f"(trailing shape ()), found {store!r:.200}")
+        if bs < 1 or bptt < 1:
+            raise ValueError(f"{store.path}: expected bs >= 1 and bptt >= 1, found bs={bs}, bptt={bptt}")
+        self.store, self.bs, self.bptt, self.shuffle, self.backwards = store, int(bs), int(bptt), shuffle, backwards
+        self.vocab_size = vocab_size
+        self.rows = np.arange(len(store), dtype=np.int64) if rows is None else norm_rows(rows, len(store), store.path)[1]
+        self.lengths, self.doc_starts = store.lengths(self.rows), store.starts(self.rows)
+        self.total = int(self.lengths.sum())
+        self.stream_len = self.total // self.bs
+        if self.stream_len < 2:
+            raise ItemShapeError(f"{store.path}: expected at least 2 tokens per stream (2 * bs = {2 * self.bs} tokens) "
+                                 f"in {len(self.rows)} documents, found {self.total}; lower bs")
+        self.n_batches = -(-(self.stream_len - 1) // self.bptt)
+        self.set_order(np.arange(len(self.rows)))
+
+    def set_order(self, order: np.ndarray) -> None:
+        "Concatenate the documents in `order` (positions in `rows`) from now on."
+        self.order = np.asarray(order, np.int64)
+        self._cum = np.concatenate([[0], np.cumsum(self.lengths[self.order])]).astype(np.int64)
+
+    def on_epoch_begin(self, **kwargs: Any) -> None:
+        "Draw a new document order (``np.random``) if shuffling."
+        if self.shuffle:
+            self.set_order(np.random.permutation(len(self.rows)))
+
+    def __len__(self) -> int:
+        return self.n_batches * self.bs
+
+    def tokens(self, positions: np.ndarray) -> np.ndarray:
+        """Token ids at `positions` (any shape, ints in ``[0, total)``) of this epoch's stream, a new int64 array.
+
+        One sorted read per shard. Raises ``TokenIdError`` for ids outside the vocabulary.
+        """
+        p = np.asarray(positions, np.int64).reshape(-1)
+        if self.backwards:
+            p = self.total - 1 - p
+        i = np.searchsorted(self._cum, p, side="right") - 1
+        t = self.store.elements.read(self.doc_starts[self.order[i]] + (p - self._cum[i])).astype(np.int64)
+        if self.vocab_size is not None and len(t) and (int(t.min()) < 0 or int(t.max()) >= self.vocab_size):
+            bad = int(t[(t < 0) | (t >= self.vocab_size)][0])
+            raise TokenIdError(f"{self.store.path}: expected token ids in [0, {self.vocab_size}) (the vocab), "
+                               f"found {bad}; vocab and store do not match")
+        return t.reshape(np.shape(positions))
+
+    def __getitems__(self, indices: Sequence[int]) -> Collated:
+        "Rows `indices` of one batch as a `Collated` ``[x, y]`` of int64 tensors ``(len(indices), sl)``."
+        k = np.asarray(indices, np.int64)
+        if len(k) == 0 or k.min() < 0 or k.max() >= len(self):
+            raise IndexError(f"{self.store.path}: expected stream items in [0, {len(self)}), found {k!r:.100}")
+        b, j = k // self.bs, k % self.bs
+        if (b != b[0]).any():
+            raise ValueError(f"{self.store.path}: expected the rows of one batch (a loader with batch_size={self.bs}, "
+                             f"shuffle=False), found items of batches {np.unique(b)[:5].tolist()}")
+        sl = min(self.bptt, self.stream_len - 1 - int(b[0]) * self.bptt)
+        pos = (j * self.stream_len + int(b[0]) * self.bptt)[:, None] + np.arange(sl + 1)
+        t = torch.from_numpy(self.tokens(pos))
+        return Collated([t[:, :-1], t[:, 1:]])
+
+    def __getitem__(self, k: int):
+        x, y = self.__getitems__([k])
+        return x[0], y[0]
+
+    def __repr__(self) -> str:
+        return (f"LMStream({str(self.store.path)!r}, {len(self.rows)} documents, {self.total} tokens, bs={self.bs}, "
+                f"bptt={self.bptt}, {self.n_batches} batches)")
+
+
+class MemmapLMDataBunch(DataBunch):
+    """A `DataBunch` for language modelling over a ragged store of token ids (see `LMStream`).
+
+    Has what ``language_model_learner`` reads: ``vocab`` (a fastai ``Vocab``), ``backwards``, a
+    flattened cross-entropy ``loss_func``. Build it with `from_memmap`.
+    """
+
+    @classmethod
+    def from_memmap(cls, path: Union[str, Path, RaggedArray], vocab: Any = None, valid_pct: float = 0.1,
+                    valid_rows: Any = None, seed: Optional[int] = None, bs: int = 64, val_bs: Optional[int] = None,
+                    bptt: int = 70, backwards: bool = False, num_workers: int = 0, device: Any = None,
+                    item_path: Optional[Union[str, Path]] = None, dl_tfms: Any = None,
+                    **dl_kwargs: Any) -> "MemmapLMDataBunch":
+        """Create a language-model `DataBunch` from the ragged store of token ids at `path`.
+
+        Parameters
+        ----------
+        vocab : Vocab, list of str, int or None
+            See `lm_vocab` (default: ``meta['itos']`` or ``meta['vocab_size']`` of the store).
+        valid_pct, seed : float, int
+            Fraction of the *documents* (items) drawn at random for validation, unless `valid_rows`
+            (document numbers) is given.
+        bs, val_bs, bptt, backwards
+            Streams per batch (train / validation), window length, read the streams backwards.
+        num_workers, device, dl_tfms, **dl_kwargs
+            As for fastai's ``DataBunch.create`` (``num_workers=0`` by default, as fastai's text bunches).
+        item_path : path, optional
+            fastai's ``path`` (``models/`` goes there); default: the store's parent.
+
+        Raises the errors of ``MemmapArray.open``, `LMStream` and `lm_vocab`.
+        """
+        store = open_store(path)
+        vocab = lm_vocab(vocab, store)
+        n = len(store)
+        if valid_rows is None:
+            perm = np.random.default_rng(seed).permutation(n)
+            valid_rows = np.sort(perm[:int(valid_pct * n)])
+        valid_rows = norm_rows(valid_rows, n, store.path)[1]
+        train_rows = np.setdiff1d(np.arange(n, dtype=np.int64), valid_rows)
+        kw = dict(bptt=bptt, backwards=backwards, vocab_size=len(vocab.itos))
+        train = LMStream(store, train_rows, bs=bs, shuffle=True, **kw)
+        valid = LMStream(store, valid_rows, bs=val_bs or bs, shuffle=False, **kw)
+        dls = [DataLoader(ds, batch_size=ds.bs, shuffle=False, num_workers=num_workers, **dl_kwargs)
+               for ds in (train, valid)]
+        data = cls(*dls, path=item_path or store.path.parent, device=device, dl_tfms=dl_tfms,
+                   collate_fn=memmap_collate, no_check=True)
+        data.vocab, data.backwards = vocab, backwards
+        return data
+
+    @property
+    def loss_func(self) -> Any:
+        "Flattened cross-entropy over ``(bs, sl, vocab)`` predictions and ``(bs, sl)`` targets."
+        return CrossEntropyFlat()
