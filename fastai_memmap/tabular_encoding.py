@@ -173,7 +173,7 @@ def encode_conts(raw: np.ndarray, state: TabularState, where: str = "") -> Tuple
             raw[miss, j] = state.fill_values[c]
         elif state.fill and miss.any():
             raise ColumnValueError(f"{where}column {c!r}: missing value(s), but the training rows had none, so "
-                                   "FillMissing has no fill value (nor a {c}_na column) for it; supply a value")
+                                   f"FillMissing has no fill value (nor a {c}_na column) for it; supply a value")
     if state.normalize and len(state.cont_names):
         m = np.array([state.means[c] for c in state.cont_names])
         s = np.array([state.stds[c] for c in state.cont_names])
