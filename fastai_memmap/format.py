@@ -114,8 +114,10 @@ them at once.
 """
 import ast
 import json
+import math
 import os
 import re
+import stat
 import struct
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
@@ -137,6 +139,7 @@ ARRAY_ALIGN = 64              # numpy.lib.format.ARRAY_ALIGN: data start aligned
 MAX_ROWS_DIGITS = 19          # len(str(2**63 - 1)): room reserved for the row count in a header
 MAX_MANIFEST_BYTES = 64 << 20  # a manifest larger than this is refused, not parsed
 MAX_NPY_HEADER = 10000        # numpy's own default max_header_size for untrusted headers
+MAX_INDEX = 2 ** 63 - 1       # numpy's largest dimension and off_t's largest size: beyond, refuse, never allocate
 KINDS = ("dense", "ragged", "sparse")
 OFFSETS_DTYPE = np.dtype("<i8")  # ragged/sparse offsets: little-endian int64 whatever the machine
 _SHARD_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -199,11 +202,7 @@ def read_npy_header(path: Path) -> Tuple[np.dtype, Tuple[int, ...], int]:
     unsupported version, an unparsable header or Fortran order, ``UnsupportedDtypeError`` for
     non-numeric dtypes. Never unpickles anything.
     """
-    try:
-        f = open(path, "rb")
-    except FileNotFoundError:
-        raise StoreNotFoundError(f"{path}: shard file not found (store incomplete or moved?)") from None
-    with f:
+    with open_regular(path, "shard file not found (store incomplete or moved?)") as f:
         magic = f.read(8)
         if len(magic) < 8 or magic[:6] != NPY_MAGIC:
             raise FormatError(f"{path}: expected .npy magic {NPY_MAGIC!r}, found {magic[:6]!r}; not a .npy file")
@@ -230,7 +229,7 @@ def read_npy_header(path: Path) -> Tuple[np.dtype, Tuple[int, ...], int]:
     if not isinstance(d, dict) or set(d) != {"descr", "fortran_order", "shape"}:
         raise FormatError(f"{path}: expected .npy header keys descr, fortran_order, shape; found {d!r:.200}")
     shape = d["shape"]
-    if not (isinstance(shape, tuple) and all(type(s) is int and s >= 0 for s in shape)):
+    if not (isinstance(shape, tuple) and all(type(s) is int and 0 <= s <= MAX_INDEX for s in shape)):
         raise FormatError(f"{path}: expected a tuple of non-negative ints as .npy shape, found {shape!r:.200}")
     if d["fortran_order"] is not False:
         raise FormatError(f"{path}: expected C order (fortran_order False), found {d['fortran_order']!r}; "
@@ -238,7 +237,31 @@ def read_npy_header(path: Path) -> Tuple[np.dtype, Tuple[int, ...], int]:
     if not isinstance(d["descr"], str):
         raise UnsupportedDtypeError(f"{path}: expected a simple numeric dtype, found descr {d['descr']!r:.200}")
     dtype = check_dtype(d["descr"], what=str(path))
+    if math.prod(shape) * dtype.itemsize > MAX_INDEX:
+        raise FormatError(f"{path}: expected at most {MAX_INDEX} data bytes, found shape {shape} {dtype.name}")
     return dtype, shape, offset
+
+
+def open_regular(path: Path, missing: str):
+    """Open `path` read-only, as a binary file object, if it is a regular file (symlinks followed).
+
+    Never blocks on a FIFO nor reads a device: both, and directories, raise ``FormatError``;
+    a missing file raises ``StoreNotFoundError`` with the explanation `missing`.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise StoreNotFoundError(f"{path}: {missing}") from None
+    except IsADirectoryError:
+        fd = None
+    mode = stat.S_IFDIR if fd is None else os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        if fd is not None:
+            os.close(fd)
+        kind = {stat.S_IFDIR: "directory", stat.S_IFIFO: "FIFO", stat.S_IFCHR: "character device",
+                stat.S_IFBLK: "block device", stat.S_IFSOCK: "socket"}.get(stat.S_IFMT(mode), "special file")
+        raise FormatError(f"{path}: expected a regular file, found a {kind}")
+    return os.fdopen(fd, "rb")
 
 
 def _is_int(x: Any) -> bool:
@@ -266,7 +289,6 @@ class ShardInfo:
     def files(self) -> Tuple[str, ...]:
         "Every file of the shard: ``(file,)`` or ``(file, offsets[, values])``."
         return tuple(f for f in (self.file, self.offsets, self.values) if f is not None)
-
 
 
 @dataclass(frozen=True)
@@ -304,7 +326,7 @@ class Manifest:
     @property
     def row_bytes(self) -> int:
         "Bytes of one row: ``prod(item_shape) * itemsize``."
-        return int(np.prod(self.item_shape, dtype=np.int64)) * self.dtype.itemsize
+        return math.prod(self.item_shape) * self.dtype.itemsize   # exact Python int: no int64 overflow
 
     def to_dict(self) -> Dict[str, Any]:
         "The manifest as a JSON-compatible dict (the exact content of ``manifest.json``)."
@@ -357,6 +379,9 @@ class Manifest:
         if m.rows != d["rows"]:
             raise ShardMismatchError(f"{where}: expected rows == sum of shard rows, found rows={d['rows']} "
                                      f"and shards summing to {m.rows}")
+        if max(shape, default=0) > MAX_INDEX or m.rows > MAX_INDEX or max(m.rows, 1) * m.row_bytes > MAX_INDEX:
+            raise FormatError(f"{where}: expected at most {MAX_INDEX} rows, elements and bytes, found "
+                              f"{describe(dtype, shape, m.rows)}; manifest corrupt")
         return m
 
     @staticmethod
@@ -407,15 +432,14 @@ class Manifest:
     def load(cls, store_dir: Path) -> "Manifest":
         "Read and validate ``store_dir/manifest.json`` (raises like `from_dict`, plus ``StoreNotFoundError``)."
         path = Path(store_dir) / MANIFEST_NAME
+        with open_regular(path, "manifest not found; expected a store directory written by MemmapWriter "
+                                "(or a .npy file)") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_MANIFEST_BYTES:
+                raise FormatError(f"{path}: expected a manifest of at most {MAX_MANIFEST_BYTES} bytes, found {size}")
+            raw = f.read(MAX_MANIFEST_BYTES + 1)
         try:
-            size = path.stat().st_size
-        except FileNotFoundError:
-            raise StoreNotFoundError(f"{path}: manifest not found; expected a store directory written by "
-                                     "MemmapWriter (or a .npy file)") from None
-        if size > MAX_MANIFEST_BYTES:
-            raise FormatError(f"{path}: expected a manifest of at most {MAX_MANIFEST_BYTES} bytes, found {size}")
-        try:
-            d = json.loads(path.read_bytes().decode("utf8"))
+            d = json.loads(raw.decode("utf8"))
         except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, int digits limit
             raise FormatError(f"{path}: expected UTF-8 JSON, found unparsable content ({e})") from None
         return cls.from_dict(d, where=str(path))

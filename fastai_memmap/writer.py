@@ -1,16 +1,23 @@
 """Writing a store out of core: `MemmapWriter` (context manager) and `save_memmap`.
 
 Atomicity: a writer builds the store in a hidden temporary directory next to the target
-(``.NAME.fmtmp-PID-RANDOM``), fsyncs it, then renames it to the target in one ``rename``.
-Until that rename nothing appears at the target; after a crash (exception, SIGKILL, power loss)
-the target holds the previous complete store or nothing. Leftover temporary directories are
-recognisable by their prefix and removed by the next writer of the same target (with a warning).
+(``.NAME.fmtmp-PID-RANDOM``), fsyncs it, then moves it to the target in one ``rename`` (a new
+target) or one ``renameat2(RENAME_EXCHANGE)`` (replacing a store: the old and new directories swap
+in one step, so the target never disappears). Until then nothing changes at the target; after a
+crash (exception, SIGKILL, power loss) the target holds the previous complete store or the new
+one, never a partial store. Where the filesystem cannot exchange, replacing takes two renames
+(old store aside as ``.NAME.fmold-PID-RANDOM``, new one in); a crash between them leaves no target,
+and the next writer puts the previous store back. Leftover temporary directories are recognisable
+by their prefix and removed by the next writer of the same target (with a warning).
 Two writers of one target exclude each other with an ``flock`` on ``.NAME.lock`` next to it
 (released by the OS if the process dies); the second gets ``WriterConflictError``.
 """
+import ctypes
 import errno
 import fcntl
+import glob
 import hashlib
+import math
 import os
 import shutil
 import uuid
@@ -20,7 +27,8 @@ from typing import Any, Dict, Iterable, Optional, Sequence, Union
 
 import numpy as np
 
-from .errors import (ItemShapeError, StoreExistsError, StoreWriteError, WriterConflictError, MemmapError)
+from .errors import (ItemShapeError, StoreExistsError, StoreWriteError, UnsafePathError, WriterConflictError,
+                     MemmapError)
 from .format import MANIFEST_NAME, Manifest, ShardInfo, check_dtype, describe, npy_header_bytes, shard_name
 
 __all__ = ["MemmapWriter", "save_memmap", "DEFAULT_SHARD_BYTES", "TMP_MARK"]
@@ -89,7 +97,7 @@ class MemmapWriter:
         if not all(isinstance(s, (int, np.integer)) and s >= 0 for s in shape):
             raise ItemShapeError(f"{self.path}: expected item_shape of non-negative ints, found {item_shape!r}")
         self.item_shape = tuple(int(s) for s in shape)
-        row_bytes = int(np.prod(self.item_shape, dtype=np.int64)) * self.dtype.itemsize
+        row_bytes = math.prod(self.item_shape) * self.dtype.itemsize   # exact: no int64 overflow
         limit = max(1, shard_bytes // row_bytes) if row_bytes else 2 ** 62
         if shard_rows is not None and shard_rows < 1:
             raise ValueError(f"{self.path}: expected shard_rows >= 1, found {shard_rows}")
@@ -120,9 +128,10 @@ class MemmapWriter:
             raise FileNotFoundError(f"{self.path}: parent directory {parent} does not exist")
         self._lock = _take_lock(parent / f".{self.path.name}.lock", self.path)
         try:
-            if self.path.exists() and not self.overwrite:
-                raise StoreExistsError(f"{self.path}: a file or store exists already; pass overwrite=True to replace it")
-            _clean_stale(parent, self.path.name)
+            _clean_stale(parent, self.path.name)   # may put back a store whose replacement was interrupted
+            if (self.path.exists() or self.path.is_symlink()) and not self.overwrite:
+                what = "a symlink" if self.path.is_symlink() else "a file or store"
+                raise StoreExistsError(f"{self.path}: {what} exists already; pass overwrite=True to replace it")
             self._tmp = parent / f".{self.path.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
             self._tmp.mkdir()
         except BaseException:
@@ -240,6 +249,11 @@ class MemmapWriter:
         if self.path.exists() or self.path.is_symlink():
             if not self.overwrite:
                 raise StoreExistsError(f"{self.path}: appeared while writing; not replaced (overwrite=False)")
+            if _try_exchange(self._tmp, self.path):   # one atomic step: the old store is now at self._tmp
+                old, self._tmp = self._tmp, None
+                _fsync_dir(self.path.parent)
+                _remove(old)
+                return
             old = self.path.parent / f".{self.path.name}{OLD_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
             os.rename(self.path, old)
         try:
@@ -284,7 +298,13 @@ def _writer_class(kind: str) -> type:
 
 
 def _take_lock(lock_path: Path, target: Path) -> int:
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+        if e.errno != errno.ELOOP:
+            raise
+        raise UnsafePathError(f"{lock_path}: expected a regular lock file, found a symlink (to "
+                              f"{os.readlink(lock_path)!r}); not followed: remove it") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
@@ -297,11 +317,48 @@ def _take_lock(lock_path: Path, target: Path) -> int:
 
 
 def _clean_stale(parent: Path, name: str) -> None:
-    "Remove temporaries left by crashed writers of `name` (we hold the lock, so none is live)."
-    for p in parent.glob(f".{name}.fm*-*"):
-        if TMP_MARK in p.name or OLD_MARK in p.name:
-            warnings.warn(f"{p}: removing leftover temporary store of an interrupted writer")
-            _remove(p)
+    """Remove temporaries left by crashed writers of `name` (we hold the lock, so none is live).
+
+    If the target is missing and exactly one complete replaced store (``.NAME.fmold-*``) is left, a
+    writer died between the two renames of a fallback replace: that previous store is put back.
+    """
+    stale = [p for p in parent.glob(f".{glob.escape(name)}.fm*-*")
+             if p.name.startswith(f".{name}{TMP_MARK}") or p.name.startswith(f".{name}{OLD_MARK}")]
+    old = [p for p in stale if OLD_MARK in p.name and (p / MANIFEST_NAME).is_file()]
+    target = parent / name
+    if len(old) == 1 and not (target.exists() or target.is_symlink()):
+        os.rename(old[0], target)
+        warnings.warn(f"{old[0]}: restored as {target}, the previous store of a writer interrupted while replacing it")
+        stale.remove(old[0])
+    for p in stale:
+        warnings.warn(f"{p}: removing leftover temporary store of an interrupted writer")
+        _remove(p)
+
+
+_RENAME_EXCHANGE = 2       # linux/fs.h: atomically swap two existing paths
+_AT_FDCWD = -100           # linux/fcntl.h: paths relative to the working directory
+_NO_EXCHANGE = {errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM}   # fs or kernel cannot
+
+
+def _exchange(a: Path, b: Path) -> None:
+    "Swap the directory entries `a` and `b` in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``)."
+    fn = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if fn is None:
+        raise OSError(errno.ENOSYS, "renameat2 not available")
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e), str(a), None, str(b))
+
+
+def _try_exchange(a: Path, b: Path) -> bool:
+    "`_exchange` `a` and `b`; False (nothing changed) where the platform or filesystem cannot."
+    try:
+        _exchange(a, b)
+    except OSError as e:
+        if e.errno in _NO_EXCHANGE:
+            return False
+        raise
+    return True
 
 
 def _remove(p: Path) -> None:
