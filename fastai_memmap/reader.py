@@ -1,5 +1,6 @@
 """Reading a store: `MemmapArray`, one virtual array over every shard of a store."""
 import hashlib
+import mmap
 import os
 from collections import OrderedDict
 from pathlib import Path
@@ -11,10 +12,15 @@ from .errors import (ChecksumError, RowIndexError, RowIndexTypeError, ShardMisma
                      StoreNotFoundError, TruncatedStoreError)
 from .format import MANIFEST_NAME, Manifest, ShardInfo, confined_path, describe, read_npy_header
 
-__all__ = ["MemmapArray", "open_memmap", "DEFAULT_MAX_OPEN"]
+__all__ = ["MemmapArray", "open_memmap", "DEFAULT_MAX_OPEN", "ACCESS_HINTS", "RANGE_HINTS"]
 
 DEFAULT_MAX_OPEN = 64       # mapped shards kept open at once; each mmap holds one file descriptor
 HASH_CHUNK = 16 << 20       # bytes hashed per read in verify(): big enough to amortise syscalls
+ADVISE_GAP = 256 << 10      # willneed/dontneed: rows closer than this many bytes share one range (one large read)
+PAGE = mmap.PAGESIZE        # madvise ranges start on a page boundary
+# madvise advice per hint name; None where this Python/OS lacks the constant (the hint is then a no-op)
+ACCESS_HINTS = {name: getattr(mmap, "MADV_" + name.upper(), None) for name in ("normal", "random", "sequential")}
+RANGE_HINTS = {name: getattr(mmap, "MADV_" + name.upper(), None) for name in ("willneed", "dontneed")}
 
 
 class MemmapArray:
@@ -37,12 +43,14 @@ class MemmapArray:
     """
 
     def __init__(self, path: Union[str, Path], manifest: Manifest, offsets: Optional[List[int]] = None,
-                 max_open: int = DEFAULT_MAX_OPEN, _bare: bool = False):
+                 max_open: int = DEFAULT_MAX_OPEN, _bare: bool = False, access: str = "normal"):
         self.path, self.manifest, self.max_open, self._bare = Path(path), manifest, int(max_open), _bare
         rows = [s.rows for s in manifest.shards]
         self._starts = np.concatenate([[0], np.cumsum(rows, dtype=np.int64)]).astype(np.int64)
         self._offsets = offsets
         self._maps: "OrderedDict[int, np.memmap]" = OrderedDict()
+        self._views: Dict[int, np.ndarray] = {}   # plain ndarray views of the maps: no memmap overhead per read
+        self._access = _check_hint(access, ACCESS_HINTS)
 
     # ---------------------------------------------------------------- opening
     @classmethod
@@ -145,7 +153,8 @@ class MemmapArray:
 
     # ---------------------------------------------------------------- pickling
     def __reduce__(self):
-        return (_rebuild, (str(self.path), self.manifest.to_dict(), self._offsets, self.max_open, self._bare))
+        return (_rebuild, (str(self.path), self.manifest.to_dict(), self._offsets, self.max_open, self._bare,
+                           self._access))
 
     # ---------------------------------------------------------------- maps
     def _map(self, k: int) -> np.ndarray:
@@ -160,14 +169,75 @@ class MemmapArray:
         fp = self.path / s.file
         _check_size(fp, self.manifest, s.rows, self._offsets[k], changed=True)
         m = np.memmap(fp, dtype=self.dtype, mode="r", offset=self._offsets[k], shape=shape)
+        _madvise(m, ACCESS_HINTS[self._access])
         self._maps[k] = m
+        self._views[k] = m.view(np.ndarray)
         while len(self._maps) > self.max_open:
-            self._maps.popitem(last=False)
+            self._views.pop(self._maps.popitem(last=False)[0], None)
         return m
+
+    def _view(self, k: int) -> np.ndarray:
+        "Shard `k` as a plain ndarray view of its map (numpy's memmap subclass costs per indexing)."
+        v = self._views.get(k)
+        if v is None:
+            m = self._map(k)
+            return self._views.get(k, m)   # a shard of no bytes has no map, only an empty array
+        self._maps.move_to_end(k)
+        return v
 
     def close(self) -> None:
         "Drop every map (and its file descriptor). The array stays usable: maps reopen on access."
         self._maps.clear()
+        self._views.clear()
+
+    # ---------------------------------------------------------------- access hints
+    @property
+    def access(self) -> str:
+        "The access-pattern hint applied to every map (``'normal'``, ``'random'`` or ``'sequential'``)."
+        return self._access
+
+    def advise(self, hint: str, rows: Any = None) -> None:
+        """Tell the kernel how rows will be read (``madvise``); a hint, never a change of results.
+
+        Parameters
+        ----------
+        hint : str
+            Access pattern of every map, kept for maps opened later and by unpickled copies (DataLoader
+            workers): ``'random'`` (no readahead around page faults: cold random reads fetch only the
+            pages touched), ``'sequential'`` (aggressive readahead), ``'normal'`` (the default).
+            Or a one-off request on the page cache, shared by every process: ``'willneed'`` (start
+            reading `rows` from disk in the background, in large requests) or ``'dontneed'``
+            (unmap `rows` from this process; the page cache keeps them).
+        rows : int array-like, optional
+            Only for ``'willneed'`` / ``'dontneed'``: the row numbers concerned (default: every row).
+            Rows less than 256 KiB apart are merged into one range.
+
+        Raises
+        ------
+        ValueError
+            Unknown `hint`, or `rows` given with an access-pattern hint.
+        RowIndexError, RowIndexTypeError
+            As ``read`` for bad `rows`.
+        """
+        if hint in ACCESS_HINTS:
+            if rows is not None:
+                raise ValueError(f"{self.path}: access hint {hint!r} applies to whole maps, found rows=...; "
+                                 "pass rows only with 'willneed' or 'dontneed'")
+            self._access = hint
+            for m in self._maps.values():
+                _madvise(m, ACCESS_HINTS[hint])
+            return
+        advice = RANGE_HINTS.get(_check_hint(hint, RANGE_HINTS))
+        idx = np.arange(len(self), dtype=np.int64) if rows is None else np.unique(self._norm_indices(rows))
+        if advice is None or len(idx) == 0 or self.manifest.row_bytes == 0:
+            return
+        bounds = np.searchsorted(idx, self._starts)
+        for k in np.flatnonzero(np.diff(bounds)):
+            local = idx[bounds[k]:bounds[k + 1]] - self._starts[k]
+            m = self._map(int(k))
+            for lo, hi in _row_ranges(local, self.manifest.row_bytes):
+                _madvise(m, advice, lo, hi)
+
 
     # ---------------------------------------------------------------- indexing
     def __getitem__(self, key: Any) -> np.ndarray:
@@ -215,8 +285,10 @@ class MemmapArray:
     def read(self, indices: Any, out: Optional[np.ndarray] = None) -> np.ndarray:
         """Gather rows `indices` (int array-like or boolean mask) into a new array (or into `out`).
 
-        Each shard involved is read once, rows in ascending order (good for disk readahead); the
-        result has the rows in the requested order, duplicates allowed. Returns an owned array of
+        Each shard involved is read with one gather: rows of a single shard (the common case) or
+        rows already sorted go straight into the result (one copy); unsorted rows spanning several
+        shards are read in ascending order, then scattered. The result has the rows in the
+        requested order, duplicates allowed. Returns an owned array of
         shape ``(len(indices), *item_shape)`` and dtype ``self.dtype``; `out`, if given, must have
         exactly that shape and dtype and is returned. Raises ``RowIndexError``,
         ``RowIndexTypeError``, ``StoreChangedError`` (a shard shrank since opening).
@@ -229,12 +301,23 @@ class MemmapArray:
             raise RowIndexError(f"{self.path}: expected out of shape {shape} {self.dtype}, found {out.shape} {out.dtype}")
         if len(idx) == 0:
             return out
+        lo, hi = int(idx.min()), int(idx.max())
+        k = int(np.searchsorted(self._starts, lo, side="right") - 1)
+        if hi < self._starts[k + 1]:   # one shard (the common case): one gather straight into `out`
+            np.take(self._view(k), idx - self._starts[k] if k else idx, axis=0, out=out, mode="clip")
+            return out
+        if (idx[1:] >= idx[:-1]).all():   # sorted across shards: each shard's rows land in a slice of `out`
+            bounds = np.searchsorted(idx, self._starts)
+            for k in np.flatnonzero(np.diff(bounds)):
+                a, b = bounds[k], bounds[k + 1]
+                np.take(self._view(int(k)), idx[a:b] - self._starts[k], axis=0, out=out[a:b], mode="clip")
+            return out
         order = np.argsort(idx, kind="stable")
         sidx = idx[order]
         bounds = np.searchsorted(sidx, self._starts)
         for k in np.flatnonzero(np.diff(bounds)):
             a, b = bounds[k], bounds[k + 1]
-            out[order[a:b]] = self._map(int(k))[sidx[a:b] - self._starts[k]]
+            out[order[a:b]] = self._view(int(k))[sidx[a:b] - self._starts[k]]
         return out
 
     # ---------------------------------------------------------------- checks
@@ -287,10 +370,46 @@ def _check_size(fp: Path, m: Manifest, rows: int, offset: int, changed: bool = F
                                   f"{'truncated (writer not closed?)' if found < expect else 'trailing bytes'}")
 
 
-def _rebuild(path: str, manifest: Dict[str, Any], offsets: List[int], max_open: int, bare: bool) -> MemmapArray:
+def _check_hint(hint: str, hints: Dict[str, Optional[int]]) -> str:
+    if hint not in hints:
+        known = sorted(set(ACCESS_HINTS) | set(RANGE_HINTS))
+        raise ValueError(f"expected an access hint in {known}, found {hint!r}")
+    return hint
+
+
+def _madvise(m: np.ndarray, advice: Optional[int], lo: int = 0, hi: Optional[int] = None) -> None:
+    """``madvise`` bytes ``[lo, hi)`` of the data of memmap `m` (default: all of it); a no-op where
+    `advice` is None (constant missing) or `m` maps nothing. Errors of the hint are ignored."""
+    raw = getattr(m, "_mmap", None)
+    if advice is None or raw is None:
+        return
+    start = m.offset % mmap.ALLOCATIONGRANULARITY   # where the data begins inside the mmap
+    hi = m.nbytes if hi is None else hi
+    a = (start + lo) // PAGE * PAGE
+    b = min(len(raw), start + hi)
+    if b > a:
+        try:
+            raw.madvise(advice, a, b - a)
+        except (OSError, ValueError):   # a hint: an old kernel refusing it changes nothing
+            pass
+
+
+def _row_ranges(rows: np.ndarray, row_bytes: int) -> List[Tuple[int, int]]:
+    "Byte ranges ``[lo, hi)`` covering sorted unique `rows`, merging rows closer than `ADVISE_GAP` bytes."
+    gap_rows = max(1, ADVISE_GAP // row_bytes)
+    breaks = np.flatnonzero(np.diff(rows) > gap_rows)
+    firsts = np.concatenate([[rows[0]], rows[breaks + 1]])
+    lasts = np.concatenate([rows[breaks], [rows[-1]]])
+    return [(int(a) * row_bytes, (int(b) + 1) * row_bytes) for a, b in zip(firsts, lasts)]
+
+
+def _rebuild(path: str, manifest: Dict[str, Any], offsets: List[int], max_open: int, bare: bool,
+             access: str = "normal") -> MemmapArray:
     if bare:  # a bare .npy: its name need not be a valid shard name, re-read its header instead
-        return MemmapArray._open_npy(Path(path) / manifest["shards"][0]["file"], max_open)
-    return MemmapArray(path, Manifest.from_dict(manifest, where=path), offsets, max_open=max_open)
+        a = MemmapArray._open_npy(Path(path) / manifest["shards"][0]["file"], max_open)
+        a._access = access
+        return a
+    return MemmapArray(path, Manifest.from_dict(manifest, where=path), offsets, max_open=max_open, access=access)
 
 
 def open_memmap(path: Union[str, Path], max_open: int = DEFAULT_MAX_OPEN, validate: str = "offsets") -> MemmapArray:
