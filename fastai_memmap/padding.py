@@ -4,9 +4,10 @@
 Python loop per item; `RaggedCollate` is the collate function of ragged item lists (fastai's
 ``collate_fn``: pads per-item samples the same way, passes batches of the fast path through);
 `BucketSampler` orders items so that a batch holds items of similar length; `RaggedDataBunch`
-builds loaders with both, as fastai's ``TextClasDataBunch`` does with ``SortishSampler``.
+builds loaders with both (bucketing the training set, as fastai's ``TextClasDataBunch`` does with
+``SortishSampler``).
 """
-from typing import Any, Optional, Sequence, Tuple, Union
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -155,24 +156,24 @@ def _lengths(ds: Any) -> np.ndarray:
 
 class RaggedDataBunch(DataBunch):
     """`DataBunch` of ragged item lists: loaders pad batches with the lists' `RaggedCollate` and, with
-    ``bucket=True`` (default), sample the training set with a shuffling `BucketSampler` and the other
-    sets by decreasing length (less padding), as fastai's ``TextClasDataBunch`` does."""
+    ``bucket=True`` (default), sample the training set with a shuffling `BucketSampler`. The
+    validation, fix and test loaders keep the datasets' order (so ``get_preds`` is aligned with
+    ``valid_ds``/``test_ds``, unlike fastai's ``TextClasDataBunch``, which sorts them by length)."""
 
     @classmethod
     def create(cls, train_ds: Any, valid_ds: Any, test_ds: Optional[Any] = None, path: Any = ".", bs: int = 64,
                val_bs: Optional[int] = None, num_workers: int = defaults.cpus, dl_tfms: Any = None, device: Any = None,
                collate_fn: Any = data_collate, no_check: bool = False, bucket: bool = True,
                bucket_size: Optional[int] = None, **dl_kwargs: Any) -> "RaggedDataBunch":
-        "Create a `RaggedDataBunch` from `train_ds`, `valid_ds` and maybe `test_ds` (bucketed unless ``bucket=False``)."
+        "Create a `RaggedDataBunch` from `train_ds`, `valid_ds` and maybe `test_ds` (training bucketed unless ``bucket=False``)."
         datasets = cls._init_ds(train_ds, valid_ds, test_ds)
         val_bs = ifnone(val_bs, bs)
         if collate_fn is data_collate:
             x = train_ds.x
             collate_fn = RaggedCollate(x.pad_value, x.pad_first, x.output)
-        dls = []
-        for i, ds in enumerate(datasets):
-            b, train = (bs, True) if i == 0 else (val_bs, False)
-            sampler = BucketSampler(_lengths(ds), b, shuffle=train, bucket_size=bucket_size) if bucket else None
-            dls.append(DataLoader(ds, b, shuffle=train and not bucket, sampler=sampler, drop_last=train,
-                                  num_workers=num_workers, **dl_kwargs))
+        sampler = BucketSampler(_lengths(train_ds), bs, bucket_size=bucket_size) if bucket else None
+        dls = [DataLoader(train_ds, bs, shuffle=not bucket, sampler=sampler, drop_last=True, num_workers=num_workers,
+                          **dl_kwargs)]
+        dls += [DataLoader(ds, val_bs, shuffle=False, drop_last=False, num_workers=num_workers, **dl_kwargs)
+                for ds in datasets[1:]]
         return cls(*dls, path=path, device=device, dl_tfms=dl_tfms, collate_fn=collate_fn, no_check=no_check)

@@ -14,9 +14,9 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from .errors import (ItemShapeError, MemmapError, OffsetsError, RowIndexError, RowIndexTypeError,
-                     ShardMismatchError, StoreNotFoundError, TruncatedStoreError)
-from .format import (OFFSETS_DTYPE, Manifest, ShardInfo, check_dtype, confined_path, describe, npy_header_bytes,
-                     read_npy_header, shard_name)
+                     ShardMismatchError, TruncatedStoreError)
+from .format import (OFFSETS_DTYPE, Manifest, ShardInfo, confined_path, describe, npy_header_bytes, read_npy_header,
+                     shard_name)
 from .reader import DEFAULT_MAX_OPEN, MemmapArray
 from .writer import DEFAULT_SHARD_BYTES, MemmapWriter
 

@@ -12,7 +12,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .errors import ItemShapeError, RowIndexError, SparseIndexError
+from .errors import ItemShapeError, ShardMismatchError, SparseIndexError
 from .format import Manifest, ShardInfo, check_dtype
 from .ragged import (OFFSETS_CHECK_CHUNK, RaggedArray, RaggedWriter, _check_validate, norm_rows, open_part)
 from .reader import DEFAULT_MAX_OPEN, MemmapArray
@@ -93,6 +93,14 @@ class SparseArray:
         self._checked = set(checked)  # shards whose indices were all range-checked
 
     # ---------------------------------------------------------------- opening
+    @classmethod
+    def open(cls, path: Union[str, Path], max_open: int = DEFAULT_MAX_OPEN, validate: str = "offsets") -> "SparseArray":
+        "Open the sparse store at `path`; raises like ``MemmapArray.open`` plus ``ShardMismatchError`` for another kind."
+        a = MemmapArray.open(path, max_open=max_open, validate=validate)
+        if not isinstance(a, cls):
+            raise ShardMismatchError(f"{a.path}: expected a store of kind {cls.kind!r}, found {a.kind!r}")
+        return a
+
     @classmethod
     def _open(cls, path: Path, m: Manifest, max_open: int = DEFAULT_MAX_OPEN, validate: str = "offsets") -> "SparseArray":
         "Open the parts of the sparse store at `path` whose validated manifest is `m` (``MemmapArray.open`` calls this)."

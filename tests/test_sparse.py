@@ -112,8 +112,10 @@ def test_store_readable_with_plain_numpy_and_follows_spec(tmp_path):
         indices, offsets, values = (np.load(p / s[k]) for k in ("file", "offsets", "values"))
         rows.append(sp.csr_matrix((values, indices, offsets), shape=(s["rows"], 20)))
     assert (sp.vstack(rows) != m).nnz == 0
-    a = MemmapArray.open(p)
+    a = SparseArray.open(p)
     assert a.nbytes < a.dense_nbytes and "12 rows of (20,) float32" in repr(a)
+    with pytest.raises(ShardMismatchError, match="expected a store of kind 'sparse', found 'dense'"):
+        SparseArray.open(save_memmap(tmp_path / "d", np.zeros((2, 3))))
 
 
 def test_csr_to_dense_out_and_sizes():
