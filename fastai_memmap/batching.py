@@ -5,18 +5,33 @@ defines it (torch >= 1.13), then ``collate_fn`` on the result. `FastLabelList` (
 that `MemmapItemList` builds) answers with a `Collated` batch when neither inputs nor targets need
 per-item work (no tfms, no inference item), and `memmap_collate` passes it through; otherwise both
 fall back to fastai's per-item path (``LabelList.__getitem__`` + ``data_collate``) with identical
-results. `MemmapDataBunch` / `MemmapImageDataBunch` install `memmap_collate` by default.
+results. `MemmapDataBunch` / `MemmapImageDataBunch` install `memmap_collate` by default, and add:
+
+- ``shuffle='block'`` (or a `fastai_memmap.sampling.BlockShuffle`): locality-aware shuffling of
+  the training loader, for cold or larger-than-RAM stores;
+- ``num_workers='auto'``: on the fast path no worker processes (they would copy every batch
+  through shared memory, which costs more than reading it) but a background prefetch thread;
+  fastai's ``defaults.cpus`` workers when items need per-item work (``tfms``). An explicit
+  ``num_workers > 0`` on the fast path is kept, with a `WorkersSlowerWarning`;
+- uint8 image lists (``uint8=True``): `fastai_memmap.device.to_float_tfm` first in ``dl_tfms``.
 """
-from typing import Any, List, Optional, Sequence
+import warnings
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
 from fastai.basic_data import DataBunch
+from fastai.core import defaults
 from fastai.data_block import CategoryList, FloatList, LabelList
 from fastai.torch_core import data_collate
 from fastai.vision.data import ImageDataBunch
 
-__all__ = ["Collated", "memmap_collate", "FastLabelList", "MemmapDataBunch", "MemmapImageDataBunch", "batch_of"]
+__all__ = ["Collated", "memmap_collate", "FastLabelList", "MemmapDataBunch", "MemmapImageDataBunch", "batch_of",
+           "takes_fast_path", "WorkersSlowerWarning"]
+
+
+class WorkersSlowerWarning(UserWarning):
+    "Worker processes were asked for where the batch fast path makes them slower than none."
 
 
 class Collated(list):
@@ -30,40 +45,76 @@ def memmap_collate(batch: Any) -> Any:
     return data_collate(batch)
 
 
+def _batch_reader(il: Any) -> Optional[Callable[[np.ndarray], torch.Tensor]]:
+    "Function reading a collated batch of positions of `il`, or None if `il` has no batch read."
+    get_batch = getattr(il, "get_batch", None)
+    if get_batch is not None:
+        return get_batch
+    if type(il) is CategoryList and il.items.dtype.kind in "iu":
+        return lambda idxs: torch.from_numpy(il.items[idxs].astype(np.int64))
+    if type(il) is FloatList and not il.log:
+        return lambda idxs: torch.from_numpy(np.ascontiguousarray(il.items[idxs]))
+    return None
+
+
 def batch_of(il: Any, idxs: np.ndarray) -> Optional[torch.Tensor]:
     """Collated tensor of items `idxs` (positions in `il`) if `il` supports batch reads, else None.
 
     Item lists of this package define ``get_batch``; fastai's processed `CategoryList` (int codes)
     and `FloatList` (float32 array) are read straight from their ``items``.
     """
-    get_batch = getattr(il, "get_batch", None)
-    if get_batch is not None:
-        return get_batch(idxs)
-    if type(il) is CategoryList and il.items.dtype.kind in "iu":
-        return torch.from_numpy(il.items[idxs].astype(np.int64))
-    if type(il) is FloatList and not il.log:
-        return torch.from_numpy(np.ascontiguousarray(il.items[idxs]))
-    return None
+    read = _batch_reader(il)
+    return None if read is None else read(idxs)
+
+
+def takes_fast_path(ds: Any) -> bool:
+    "Whether `ds` (a dataset) builds whole batches in `__getitems__` (`FastLabelList` without per-item work)."
+    return isinstance(ds, FastLabelList) and ds.batchable() and _batch_reader(ds.x) is not None \
+        and _batch_reader(ds.y) is not None
 
 
 class FastLabelList(LabelList):
     "A `LabelList` that can return a whole collated batch from `__getitems__`."
 
+    def batchable(self) -> bool:
+        "Whether no per-item work is due: no tfms, no single inference item."
+        return self.item is None and not (self.tfms or self.tfmargs or (self.tfm_y and getattr(self, "tfms_y", None)))
+
     def __getitems__(self, indices: Sequence[int]) -> Any:
         "Batch `indices` as a `Collated` ``[x, y]`` if no per-item work is needed, else a list of items."
-        if self.item is None and not (self.tfms or self.tfmargs or (self.tfm_y and getattr(self, "tfms_y", None))):
-            idxs = np.asarray(indices, dtype=np.int64)
-            xb = batch_of(self.x, idxs)
-            yb = batch_of(self.y, idxs) if xb is not None else None
-            if yb is not None:
-                return Collated([xb, yb])
+        if self.batchable():
+            readx, ready = _batch_reader(self.x), _batch_reader(self.y)
+            if readx is not None and ready is not None:
+                idxs = np.asarray(indices, dtype=np.int64)
+                return Collated([readx(idxs), ready(idxs)])
         return [self[int(i)] for i in indices]
 
 
-def _create(cls, base, *args, collate_fn=data_collate, **kwargs):
+def _create(cls, base, train_ds, *args, collate_fn=data_collate, shuffle=True, num_workers=defaults.cpus,
+            dl_tfms=None, no_check=False, **kwargs):
+    from .device import use_prefetch_thread, with_to_float
+    from .sampling import shuffle_option, use_sampler
+    block, fast = shuffle_option(shuffle), takes_fast_path(train_ds)
     if collate_fn is data_collate:
         collate_fn = memmap_collate
-    return super(base, cls).create(*args, collate_fn=collate_fn, **kwargs)
+    if getattr(getattr(train_ds, "x", None), "uint8", False):
+        dl_tfms = with_to_float(dl_tfms)
+    auto = num_workers in ("auto", None)
+    workers = (0 if fast else defaults.cpus) if auto else num_workers
+    if fast and not auto and workers > 0:
+        warnings.warn(f"{cls.__name__}: num_workers={workers} on the batch fast path: each worker batch is copied "
+                      "through shared memory, which costs more than reading it in the main process; pass "
+                      "num_workers='auto' (a background prefetch thread) or 0", WorkersSlowerWarning, stacklevel=4)
+    data = super(base, cls).create(train_ds, *args, collate_fn=collate_fn, num_workers=workers, dl_tfms=dl_tfms,
+                                   no_check=no_check or block is not None, **kwargs)
+    if block is not None:   # check with the block order: a random first batch would read all over a cold store
+        sampler = use_sampler(data.train_dl, block.sampler(data.train_ds)).dl.sampler
+        if not no_check:
+            data.sanity_check()
+            sampler.set_epoch(0)
+    if auto and workers == 0:
+        use_prefetch_thread(data.train_dl)
+    return data
 
 
 class MemmapDataBunch(DataBunch):
@@ -71,7 +122,7 @@ class MemmapDataBunch(DataBunch):
 
     @classmethod
     def create(cls, *args, collate_fn=data_collate, **kwargs) -> "MemmapDataBunch":
-        "Create a `DataBunch` as fastai does, with `memmap_collate` unless another `collate_fn` is given."
+        "Create a `DataBunch` as fastai does, with `memmap_collate`; also ``shuffle='block'``, ``num_workers='auto'``."
         return _create(cls, MemmapDataBunch, *args, collate_fn=collate_fn, **kwargs)
 
 
@@ -80,5 +131,5 @@ class MemmapImageDataBunch(ImageDataBunch):
 
     @classmethod
     def create(cls, *args, collate_fn=data_collate, **kwargs) -> "MemmapImageDataBunch":
-        "Create an `ImageDataBunch` as fastai does, with `memmap_collate` unless another `collate_fn` is given."
+        "Create an `ImageDataBunch` as fastai does, with `memmap_collate`; also ``shuffle='block'``, ``num_workers='auto'``."
         return _create(cls, MemmapImageDataBunch, *args, collate_fn=collate_fn, **kwargs)

@@ -1,0 +1,305 @@
+"""Locality-aware shuffling: `BlockShuffleSampler` and the `BlockShuffle` option of the data bunches.
+
+A fully random order touches the whole store in every batch: warm (in the page cache) that costs
+nothing, cold it makes every page fault pull the kernel's readahead window (8 MiB on some disks)
+around a single 4 KiB row, so the first batches read most of the file at random-I/O speed. Block
+shuffling keeps the order random enough for SGD and the reads sequential enough for the disk:
+
+1. rows are cut into *blocks* of `block_rows` rows contiguous on disk (default: 4 MiB of rows);
+2. the blocks are shuffled;
+3. rows are shuffled within each *window* of `window_blocks` consecutive shuffled blocks (default
+   16, so a batch mixes rows from 16 places of the store, 64 MiB apart on average);
+4. for distributed training the epoch's order is cut into `num_replicas` contiguous parts, one per
+   `rank` (sizes differ by at most one row): each rank reads its own blocks, and the union over ranks
+   is every row exactly once.
+
+The order is a pure function of ``(n, block_rows, window_blocks, seed, epoch, num_replicas, rank)``:
+every rank computes the same permutation from the same seed. With ``readahead``, the sampler asks the
+kernel (``madvise(WILLNEED)``) to read the next windows in the background while the current one is
+consumed, so cold reads become large sequential requests and each byte is read from disk once.
+
+Use it through ``databunch(shuffle='block')`` or ``databunch(shuffle=BlockShuffle(seed=..., ...))``
+on a `MemmapItemList`: the training loader then samples with a `BlockShuffleSampler`; the other
+loaders keep fastai's order.
+"""
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, List, Optional, Union
+
+import numpy as np
+import torch
+from torch.utils.data import Sampler
+
+__all__ = ["BlockShuffleSampler", "BlockShuffle", "block_shuffle_order", "use_sampler", "shuffle_option",
+           "DEFAULT_BLOCK_BYTES", "DEFAULT_WINDOW_BLOCKS", "READAHEAD_WINDOWS"]
+
+DEFAULT_BLOCK_BYTES = 4 << 20   # bytes of contiguous rows per block: one large sequential read
+DEFAULT_WINDOW_BLOCKS = 16      # blocks whose rows are mixed together; 16 x 4 MiB stays small next to RAM
+READAHEAD_WINDOWS = 2           # windows asked for ahead of the one being read: keeps the disk queue busy
+
+Prefetch = Callable[[np.ndarray], None]
+
+
+def _positive(name: str, value: Any) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"expected {name} to be an int >= 1, found {value!r}")
+    return int(value)
+
+
+def _check_rank(num_replicas: Any, rank: Any) -> None:
+    _positive("num_replicas", num_replicas)
+    if isinstance(rank, (bool, np.bool_)) or not isinstance(rank, (int, np.integer)) or not 0 <= rank < num_replicas:
+        raise ValueError(f"expected rank in [0, {num_replicas}), found {rank!r}")
+
+
+def _rank_slice(n: int, num_replicas: int, rank: int) -> slice:
+    "Rank `rank`'s contiguous part of `n` positions: the first ``n % num_replicas`` ranks get one more."
+    q, r = divmod(n, num_replicas)
+    start = rank * q + min(rank, r)
+    return slice(start, start + q + (rank < r))
+
+
+def _block_plan(n: int, block_rows: int, window_blocks: int, seed: int, epoch: int,
+                keys: Optional[np.ndarray]) -> tuple:
+    "(order of every position this epoch, window number of each entry of that order)."
+    base = np.arange(n, dtype=np.int64) if keys is None else np.argsort(keys, kind="stable").astype(np.int64)
+    rng = np.random.default_rng([int(seed) & 0xFFFFFFFFFFFFFFFF, int(epoch)])
+    n_blocks = -(-n // block_rows)
+    blocks = rng.permutation(n_blocks)
+    sizes = np.minimum(block_rows, n - blocks * block_rows)          # the last block may be short
+    starts = np.repeat(blocks * block_rows - np.cumsum(sizes) + sizes, sizes)
+    seq = np.arange(n, dtype=np.int64) + starts                      # block-shuffled positions into `base`
+    window = np.repeat(np.arange(n_blocks) // window_blocks, sizes)
+    order = np.argsort(window + rng.random(n), kind="stable")        # shuffle within each window only
+    return base[seq[order]], window[order]
+
+
+def block_shuffle_order(n: int, block_rows: int, window_blocks: int = DEFAULT_WINDOW_BLOCKS, seed: int = 0,
+                        epoch: int = 0, num_replicas: int = 1, rank: int = 0,
+                        keys: Optional[Any] = None) -> np.ndarray:
+    """The positions rank `rank` visits in epoch `epoch` (see the module docstring for the algorithm).
+
+    Parameters
+    ----------
+    n : int
+        Number of positions (dataset length).
+    block_rows : int
+        Positions per block (contiguous on disk when `keys` are store row numbers).
+    window_blocks : int
+        Consecutive shuffled blocks whose positions are mixed together.
+    seed, epoch : int
+        The permutation is a pure function of these (and the sizes).
+    num_replicas, rank : int
+        Distributed training: this rank's contiguous part of the epoch order.
+    keys : int array-like of length `n`, optional
+        Where each position lives on disk (e.g. its store row): blocks are cut in `keys` order, so
+        a split whose positions are not sorted by row still reads contiguous rows. Default: the
+        positions themselves.
+
+    Returns
+    -------
+    np.ndarray
+        int64 positions, shape ``(len of this rank's part,)``: over all ranks, every position in
+        ``0 .. n-1`` exactly once. A new array.
+
+    Raises
+    ------
+    ValueError
+        Non-positive sizes, `rank` outside ``[0, num_replicas)``, `keys` of the wrong length.
+    """
+    order, _ = _plan(n, block_rows, window_blocks, seed, epoch, num_replicas, rank, keys)
+    return order
+
+
+def _plan(n, block_rows, window_blocks, seed, epoch, num_replicas, rank, keys) -> tuple:
+    block_rows, window_blocks = _positive("block_rows", block_rows), _positive("window_blocks", window_blocks)
+    _check_rank(num_replicas, rank)
+    if n < 0:
+        raise ValueError(f"expected n >= 0, found {n}")
+    if keys is not None:
+        keys = np.asarray(keys)
+        if keys.shape != (n,):
+            raise ValueError(f"expected keys of shape ({n},) (one per position), found {keys.shape}")
+    if n == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    order, window = _block_plan(n, block_rows, window_blocks, seed, epoch, keys)
+    part = _rank_slice(n, num_replicas, rank)
+    return order[part], window[part]
+
+
+class BlockShuffleSampler(Sampler):
+    """Sampler yielding a block-shuffled order of ``range(n)`` (see the module docstring).
+
+    Parameters
+    ----------
+    n : int
+        Dataset length.
+    block_rows : int
+        Positions per block (default: enough 4 KiB rows for `DEFAULT_BLOCK_BYTES`, i.e. 1024).
+    window_blocks : int
+        Blocks mixed together (default `DEFAULT_WINDOW_BLOCKS`).
+    seed : int, optional
+        Default: drawn from torch's global generator at construction (so ``torch.manual_seed``
+        makes runs repeatable, as for torch's ``RandomSampler``). Ranks must share one seed.
+    num_replicas, rank : int
+        As torch's ``DistributedSampler``, but without padding: rank parts differ by at most one
+        position and together hold every position once.
+    keys : int array-like, optional
+        Disk order of the positions (store rows); see `block_shuffle_order`.
+    prefetch : callable, optional
+        Called in the main process with the sorted positions of each upcoming window (int64
+        array), `READAHEAD_WINDOWS` windows ahead, to start reading them (``madvise(WILLNEED)``).
+    epoch : int
+        First epoch. Each ``iter()`` uses the current epoch and then advances it, so successive
+        epochs differ without a ``set_epoch`` call; `set_epoch` pins it explicitly.
+    """
+
+    def __init__(self, n: int, block_rows: int = DEFAULT_BLOCK_BYTES // 4096,
+                 window_blocks: int = DEFAULT_WINDOW_BLOCKS, seed: Optional[int] = None, num_replicas: int = 1,
+                 rank: int = 0, keys: Optional[Any] = None, prefetch: Optional[Prefetch] = None, epoch: int = 0):
+        self.n, self.block_rows, self.window_blocks = int(n), _positive("block_rows", block_rows), \
+            _positive("window_blocks", window_blocks)
+        _check_rank(num_replicas, rank)
+        self.num_replicas, self.rank = int(num_replicas), int(rank)
+        self.seed = int(torch.randint(0, 2 ** 62, ()).item()) if seed is None else int(seed)
+        self.keys = None if keys is None else np.asarray(keys)
+        if self.keys is not None and self.keys.shape != (self.n,):
+            raise ValueError(f"expected keys of shape ({self.n},) (one per position), found {self.keys.shape}")
+        self.prefetch, self.epoch = prefetch, int(epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        "Make the next ``iter()`` produce the order of `epoch` (and advance from there)."
+        self.epoch = int(epoch)
+
+    def order(self, epoch: Optional[int] = None) -> np.ndarray:
+        "This rank's positions for `epoch` (default: the current one), int64, a new array."
+        epoch = self.epoch if epoch is None else epoch
+        return block_shuffle_order(self.n, self.block_rows, self.window_blocks, self.seed, epoch,
+                                   self.num_replicas, self.rank, self.keys)
+
+    def __len__(self) -> int:
+        part = _rank_slice(self.n, self.num_replicas, self.rank)
+        return part.stop - part.start
+
+    def __iter__(self) -> Iterator[int]:
+        order, window = _plan(self.n, self.block_rows, self.window_blocks, self.seed, self.epoch,
+                              self.num_replicas, self.rank, self.keys)
+        self.epoch += 1
+        if self.prefetch is None:
+            return iter(order.tolist())
+        return self._iter_prefetching(order, window)
+
+    def _iter_prefetching(self, order: np.ndarray, window: np.ndarray) -> Iterator[int]:
+        cuts = np.flatnonzero(np.diff(window)) + 1
+        parts = np.split(order, cuts) if len(order) else []
+        for w in range(min(READAHEAD_WINDOWS, len(parts))):
+            self._ask(parts[w])
+        for w, part in enumerate(parts):
+            if w + READAHEAD_WINDOWS < len(parts):
+                self._ask(parts[w + READAHEAD_WINDOWS])
+            yield from part.tolist()
+
+    def _ask(self, positions: np.ndarray) -> None:
+        if self.prefetch is None:   # switched off by an earlier failure
+            return
+        try:
+            self.prefetch(np.sort(positions))
+        except Exception as e:   # a hint that fails must not stop training
+            warnings.warn(f"BlockShuffleSampler: prefetch failed ({type(e).__name__}: {e}); continuing without it")
+            self.prefetch = None
+
+
+@dataclass(frozen=True)
+class BlockShuffle:
+    """How the training loader of a data bunch shuffles: ``databunch(shuffle=BlockShuffle(...))``.
+
+    ``shuffle='block'`` is ``BlockShuffle()``. Sizes are in bytes of store rows, so the same option
+    suits any row size.
+
+    Parameters
+    ----------
+    block_bytes : int
+        Bytes of contiguous rows per block (rounded to whole rows, at least one).
+    window_blocks : int
+        Blocks whose rows are mixed together.
+    seed : int, optional
+        Seed of the permutation (default: drawn from torch's generator); set it, with
+        `num_replicas` and `rank`, for distributed training.
+    num_replicas, rank : int
+        This process's part of each epoch (see `BlockShuffleSampler`).
+    readahead : bool
+        Ask the kernel to read upcoming windows in the background (``madvise(WILLNEED)``).
+    """
+    block_bytes: int = DEFAULT_BLOCK_BYTES
+    window_blocks: int = DEFAULT_WINDOW_BLOCKS
+    seed: Optional[int] = None
+    num_replicas: int = 1
+    rank: int = 0
+    readahead: bool = True
+
+    def __post_init__(self):
+        _positive("block_bytes", self.block_bytes)
+        _positive("window_blocks", self.window_blocks)
+        _check_rank(self.num_replicas, self.rank)
+
+    def sampler(self, dataset: Any) -> BlockShuffleSampler:
+        """A `BlockShuffleSampler` for `dataset` (a `LabelList` or `ItemList`).
+
+        Blocks follow the store rows of ``dataset.x`` when it is a store-backed list (any object
+        with ``items`` and a ``store``); readahead covers the stores of ``x`` and ``y``.
+        """
+        x = getattr(dataset, "x", dataset)
+        store, rows = getattr(x, "store", None), _rows(x)
+        row_bytes = store.manifest.row_bytes if store is not None else 4096
+        block_rows = max(1, self.block_bytes // max(1, row_bytes))
+        prefetch = _store_prefetch([x, getattr(dataset, "y", None)]) if self.readahead else None
+        return BlockShuffleSampler(len(dataset), block_rows, self.window_blocks, self.seed, self.num_replicas,
+                                   self.rank, keys=rows, prefetch=prefetch)
+
+
+def _rows(il: Any) -> Optional[np.ndarray]:
+    "Store rows of the items of `il` if it is a store-backed list with one row per item, else None."
+    items = getattr(il, "items", None)
+    if getattr(il, "store", None) is None or not isinstance(items, np.ndarray) or items.ndim != 1 \
+            or items.dtype.kind not in "iu" or len(items) != len(il):
+        return None
+    return np.asarray(items)
+
+
+def _store_prefetch(lists: List[Any]) -> Optional[Prefetch]:
+    "A prefetch callable advising ``willneed`` on the rows of every store-backed list of `lists`."
+    targets = [(il.store, rows) for il in lists if il is not None for rows in [_rows(il)] if rows is not None]
+    if not targets:
+        return None
+
+    def prefetch(positions: np.ndarray) -> None:
+        for store, rows in targets:
+            store.advise("willneed", rows[positions])
+    return prefetch
+
+
+def shuffle_option(shuffle: Union[bool, str, BlockShuffle]) -> Optional[BlockShuffle]:
+    """Parse the ``shuffle`` option of the data bunches: True (fastai's random order) gives None,
+    ``'block'`` or a `BlockShuffle` gives a `BlockShuffle`. Raises ``ValueError`` otherwise."""
+    if shuffle is True or shuffle == "random":
+        return None
+    if shuffle == "block":
+        return BlockShuffle()
+    if isinstance(shuffle, BlockShuffle):
+        return shuffle
+    raise ValueError(f"expected shuffle=True, 'random', 'block' or a BlockShuffle, found {shuffle!r}")
+
+
+def use_sampler(ddl: Any, sampler: Sampler) -> Any:
+    """Rebuild the `DataLoader` inside fastai's `DeviceDataLoader` `ddl` to draw from `sampler`.
+
+    Everything else (batch size, ``drop_last``, workers, collate function, transforms) is kept.
+    The sampler is recorded in the loader's ``init_kwargs``, so ``ddl.new(...)`` and the
+    ``batch_size`` setter keep it (``ddl.new(shuffle=True)`` then raises torch's ``ValueError``:
+    pass ``sampler=None`` with it). Returns `ddl`, changed in place.
+    """
+    dl = ddl.dl
+    kwargs = {**dl.init_kwargs, "shuffle": False, "sampler": sampler, "batch_sampler": None}
+    ddl.dl = dl.__class__(dl.dataset, **kwargs)
+    ddl.dl.collate_fn = ddl.collate_fn
+    return ddl

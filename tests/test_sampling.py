@@ -1,0 +1,237 @@
+"""Block shuffling (fastai_memmap.sampling) and the reader's access hints: every row once per epoch,
+locality, reproducibility, rank splits, readahead, and the sampler inside fastai's data bunches."""
+import pickle
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import fastai_memmap  # noqa: F401  (applies the fastai compat fixes)
+from fastai.basic_train import Learner
+
+from fastai_memmap import MemmapArray, save_memmap
+from fastai_memmap.items import MemmapItemList
+from fastai_memmap.sampling import (BlockShuffle, BlockShuffleSampler, block_shuffle_order, shuffle_option,
+                                    READAHEAD_WINDOWS)
+
+N, D = 600, 4
+
+
+@pytest.fixture
+def stores(tmp_path):
+    "x: N rows whose first value is the row number, 3 shards; y: class codes."
+    x = np.zeros((N, D), np.float32)
+    x[:, 0] = np.arange(N)
+    save_memmap(tmp_path / "x", x, shard_rows=250)
+    save_memmap(tmp_path / "y", (np.arange(N) % 3).astype(np.int64), meta={"classes": ["a", "b", "c"]})
+    return tmp_path
+
+
+def _lls(path, pct=0.0):
+    il = MemmapItemList.from_memmap(path / "x")
+    il = il.split_by_rand_pct(pct, seed=0) if pct else il.split_none()
+    return il.label_from_memmap(path / "y")
+
+
+# ------------------------------------------------------------------------------------------ the order
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(0, 700), block_rows=st.integers(1, 80), window_blocks=st.integers(1, 6),
+       seed=st.integers(0, 2 ** 40), epoch=st.integers(0, 5), replicas=st.integers(1, 5))
+def test_union_over_ranks_is_every_position_once(n, block_rows, window_blocks, seed, epoch, replicas):
+    parts = [block_shuffle_order(n, block_rows, window_blocks, seed, epoch, replicas, r) for r in range(replicas)]
+    assert all(p.dtype == np.int64 for p in parts)
+    assert np.array_equal(np.sort(np.concatenate(parts)), np.arange(n))
+    sizes = [len(p) for p in parts]
+    assert max(sizes) - min(sizes) <= 1
+    samplers = [BlockShuffleSampler(n, block_rows, window_blocks, seed, replicas, r, epoch=epoch) for r in range(replicas)]
+    assert [len(s) for s in samplers] == sizes
+    assert [list(s) for s in samplers] == [p.tolist() for p in parts]
+
+
+def test_order_is_a_function_of_seed_and_epoch():
+    a = block_shuffle_order(5000, 64, 4, seed=7, epoch=3)
+    assert np.array_equal(a, block_shuffle_order(5000, 64, 4, seed=7, epoch=3))
+    assert not np.array_equal(a, block_shuffle_order(5000, 64, 4, seed=7, epoch=4))
+    assert not np.array_equal(a, block_shuffle_order(5000, 64, 4, seed=8, epoch=3))
+    assert not np.array_equal(a, np.arange(5000))
+
+
+@pytest.mark.parametrize("block_rows,window_blocks", [(64, 4), (100, 1), (7, 16)])
+def test_each_window_reads_at_most_window_blocks_blocks(block_rows, window_blocks):
+    n = 5000
+    order = block_shuffle_order(n, block_rows, window_blocks, seed=1)
+    window_rows = block_rows * window_blocks
+    blocks = order // block_rows
+    # windows are whole groups of shuffled blocks; a window of rows may straddle two groups (short last block)
+    for a in range(0, n, window_rows):
+        assert len(np.unique(blocks[a:a + window_rows])) <= 2 * window_blocks
+    # consecutive batches stay inside few blocks: locality on disk
+    assert all(len(np.unique(blocks[a:a + 32])) <= 2 * window_blocks for a in range(0, n, 32))
+    # and the blocks themselves come in shuffled order
+    firsts = blocks[::window_rows]
+    assert not np.array_equal(firsts, np.sort(firsts))
+
+
+def test_keys_make_blocks_contiguous_on_disk():
+    rng = np.random.default_rng(0)
+    keys = rng.permutation(10_000)[:3000]          # positions scattered over the store, e.g. a random split
+    order = block_shuffle_order(3000, 100, 2, seed=3, keys=keys)
+    assert np.array_equal(np.sort(order), np.arange(3000))
+    rank_of_key = np.argsort(np.argsort(keys))       # where each position sits in disk order
+    blocks = rank_of_key[order] // 100
+    for a in range(0, 3000, 200):
+        assert len(np.unique(blocks[a:a + 200])) <= 2
+
+
+def test_single_window_is_a_full_shuffle_of_a_small_dataset():
+    order = block_shuffle_order(300, 1024, 16, seed=0)
+    assert np.array_equal(np.sort(order), np.arange(300)) and not np.array_equal(order, np.arange(300))
+
+
+@pytest.mark.parametrize("kwargs", [dict(block_rows=0), dict(window_blocks=0), dict(block_rows=2.5),
+                                    dict(num_replicas=0), dict(rank=2, num_replicas=2), dict(rank=-1),
+                                    dict(block_rows=True), dict(keys=np.arange(3))])
+def test_bad_sizes_are_refused(kwargs):
+    args = dict(n=10, block_rows=4, window_blocks=2, seed=0, epoch=0, num_replicas=1, rank=0)
+    with pytest.raises(ValueError):
+        block_shuffle_order(**{**args, **kwargs})
+
+
+# ------------------------------------------------------------------------------------------ the sampler
+def test_sampler_advances_its_epoch_and_set_epoch_repeats_one():
+    s = BlockShuffleSampler(1000, 50, 2, seed=11)
+    e0, e1 = list(s), list(s)
+    assert s.epoch == 2 and e0 != e1
+    assert sorted(e0) == sorted(e1) == list(range(1000))
+    s.set_epoch(1)
+    assert list(s) == e1 and s.order(0).tolist() == e0
+
+
+def test_default_seed_follows_torch_manual_seed():
+    torch.manual_seed(5)
+    a = list(BlockShuffleSampler(500, 20, 2))
+    torch.manual_seed(5)
+    assert list(BlockShuffleSampler(500, 20, 2)) == a
+
+
+def test_prefetch_asks_for_each_window_before_it_is_read():
+    calls, seen = [], []
+
+    def prefetch(positions):
+        assert np.all(np.diff(positions) > 0)        # sorted, unique
+        calls.append((len(seen), positions.copy()))
+    s = BlockShuffleSampler(1000, 50, 2, seed=0, prefetch=prefetch)
+    for p in s:
+        seen.append(p)
+    asked = np.concatenate([c[1] for c in calls])
+    assert np.array_equal(np.sort(asked), np.arange(1000))         # every position asked for once
+    for when, positions in calls:                                   # ... before any of it was yielded
+        assert not set(positions.tolist()) & set(seen[:when])
+    assert calls[READAHEAD_WINDOWS][0] == 0                         # windows 0..READAHEAD_WINDOWS up front
+
+
+def test_failing_prefetch_warns_and_the_epoch_goes_on():
+    def prefetch(positions):
+        raise OSError("madvise refused")
+    s = BlockShuffleSampler(100, 10, 2, seed=0, prefetch=prefetch)
+    with pytest.warns(UserWarning, match="madvise refused"):
+        assert sorted(s) == list(range(100))
+
+
+@pytest.mark.parametrize("value", ["blocks", False, 1, None])
+def test_shuffle_option_refuses_unknown_values(value):
+    with pytest.raises(ValueError, match="shuffle"):
+        shuffle_option(value)
+
+
+@pytest.mark.parametrize("kwargs", [dict(block_bytes=0), dict(window_blocks=-1), dict(num_replicas=2, rank=2)])
+def test_block_shuffle_option_validates(kwargs):
+    with pytest.raises(ValueError):
+        BlockShuffle(**kwargs)
+
+
+# ------------------------------------------------------------------------------------------ in a data bunch
+def _epoch_rows(dl):
+    return [int(r) for xb, _ in dl for r in xb[:, 0].tolist()]
+
+
+def test_databunch_block_shuffle_delivers_distinct_rows_and_keeps_other_loaders(stores):
+    data = _lls(stores, 0.2).databunch(bs=32, num_workers=0, shuffle=BlockShuffle(block_bytes=40 * 16, seed=1))
+    s = data.train_dl.dl.sampler
+    assert isinstance(s, BlockShuffleSampler) and s.block_rows == 40 and s.epoch == 0   # sanity check undone
+    train_rows = set(np.asarray(data.train_ds.x.items).tolist())
+    e0 = _epoch_rows(data.train_dl)
+    assert len(e0) == len(set(e0)) == len(data.train_ds) // 32 * 32 and set(e0) <= train_rows
+    e1 = _epoch_rows(data.train_dl)
+    assert e1 != e0 and s.epoch == 2
+    fix = _epoch_rows(data.fix_dl)                                    # fix_dl and valid_dl keep fastai's order
+    assert fix == sorted(fix) and len(fix) == len(data.train_ds)
+    assert _epoch_rows(data.valid_dl) == np.asarray(data.valid_ds.x.items).tolist()
+
+
+def test_block_string_option_and_readahead_advises_the_stores(stores, monkeypatch):
+    lls = _lls(stores)
+    asked = []
+    monkeypatch.setattr(MemmapArray, "advise", lambda self, hint, rows=None: asked.append((self.path.name, hint,
+                                                                                           np.asarray(rows))))
+    data = lls.databunch(bs=50, num_workers=0, shuffle="block", no_check=True)
+    rows = _epoch_rows(data.train_dl)
+    assert sorted(rows) == list(range(N))
+    assert {(name, hint) for name, hint, _ in asked} == {("x", "willneed"), ("y", "willneed")}
+    assert sorted(np.concatenate([r for name, _, r in asked if name == "x"]).tolist()) == list(range(N))
+
+
+def test_sampler_survives_new_batch_size_and_fit(stores):
+    data = _lls(stores).databunch(bs=32, num_workers=0, shuffle=BlockShuffle(seed=3))
+    s = data.train_dl.dl.sampler
+    new = data.train_dl.new(drop_last=False)
+    assert new.dl.sampler is s
+    data.train_dl.batch_size = 64
+    assert data.train_dl.dl.sampler is s and data.train_dl.batch_size == 64
+    learn = Learner(data, torch.nn.Sequential(torch.nn.Linear(D, 3)))
+    learn.fit(2, 1e-3)
+    assert data.train_dl.dl.sampler is s and s.epoch >= 2
+
+
+def test_rank_splits_of_a_databunch_cover_the_training_set_once(stores):
+    rows = []
+    for rank in range(3):
+        data = _lls(stores).databunch(bs=10, num_workers=0, no_check=True,
+                                      shuffle=BlockShuffle(block_bytes=64, seed=9, num_replicas=3, rank=rank))
+        rows.append([int(data.train_ds.x.items[i]) for i in data.train_dl.dl.sampler])
+    assert sorted(sum(rows, [])) == list(range(N)) and [len(r) for r in rows] == [200, 200, 200]
+
+
+def test_block_shuffle_with_workers_delivers_the_same_rows(stores):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        data = _lls(stores).databunch(bs=50, num_workers=2, shuffle=BlockShuffle(seed=4), no_check=True)
+    expect = [int(i) for i in BlockShuffleSampler(N, data.train_dl.dl.sampler.block_rows, 16, seed=4)]
+    assert _epoch_rows(data.train_dl) == expect
+
+
+# ------------------------------------------------------------------------------------------ access hints
+def test_access_hint_applies_to_maps_opened_later_and_survives_pickling(tmp_path):
+    save_memmap(tmp_path / "s", np.arange(40, dtype=np.float32).reshape(20, 2), shard_rows=8)
+    a = MemmapArray.open(tmp_path / "s")
+    assert a.access == "normal"
+    a[0]
+    a.advise("random")
+    assert a.access == "random" and np.array_equal(a[[19, 3]], [[38, 39], [6, 7]])
+    b = pickle.loads(pickle.dumps(a))
+    assert b.access == "random" and np.array_equal(b[:], a[:])
+    a.advise("willneed")
+    a.advise("willneed", [3, 4, 5, 17])
+    a.advise("dontneed", np.array([1, 2]))
+    a.advise("sequential")
+    assert np.array_equal(a[:], np.arange(40, dtype=np.float32).reshape(20, 2))
+
+
+@pytest.mark.parametrize("hint,rows,error", [("fast", None, ValueError), ("random", [1], ValueError),
+                                             ("willneed", [99], IndexError), ("willneed", [1.5], TypeError)])
+def test_bad_hints_are_refused(tmp_path, hint, rows, error):
+    save_memmap(tmp_path / "s", np.zeros((10, 3), np.float32))
+    with pytest.raises(error):
+        MemmapArray.open(tmp_path / "s").advise(hint, rows)
