@@ -477,9 +477,8 @@ class RaggedWriter(MemmapWriter):
         arrays = [np.asarray(a) for a in items]
         for a in arrays:
             if a.ndim != len(self.item_shape) + 1 or a.shape[1:] != self.item_shape:
-                raise ItemShapeError(f"{self.path}: expected items of shape (length, "
-                                     f"{', '.join(map(str, self.item_shape))}) -- (length, *item_shape) -- "
-                                     f"found {a.shape}")
+                raise ItemShapeError(f"{self.path}: expected items of shape {_ragged_shape(self.item_shape)} "
+                                     f"(? = any length), found {a.shape}")
             if not np.can_cast(a.dtype, self.dtype, casting="same_kind"):
                 raise ItemShapeError(f"{self.path}: expected items castable to {self.dtype} (same kind), "
                                      f"found {a.dtype}")

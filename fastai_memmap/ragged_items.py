@@ -16,6 +16,7 @@ from .errors import ItemShapeError, ShardMismatchError
 from .format import describe
 from .items import MemmapItem, MemmapItemList
 from .padding import PAD_OUTPUTS, RaggedDataBunch, pad_ragged
+from .ragged import _ragged_shape
 
 __all__ = ["RaggedItem", "RaggedProcessor", "RaggedItemList", "item_tensor"]
 
@@ -72,7 +73,7 @@ class RaggedProcessor(PreProcessor):
             return SparseItem(torch.from_numpy(np.array(a, dtype=np.float32)))
         a = _numpy(item)
         if self.shape is not None and (a.ndim != len(self.shape) + 1 or a.shape[1:] != self.shape):
-            raise ItemShapeError(f"predict: expected an item of shape (length, {', '.join(map(str, self.shape))}), "
+            raise ItemShapeError(f"predict: expected an item of shape {_ragged_shape(self.shape)} (? = any length), "
                                  f"found {a.shape}")
         return RaggedItem(item_tensor(a.astype(np.dtype(self.dtype), copy=False) if self.dtype else a))
 
@@ -119,6 +120,8 @@ class RaggedItemList(MemmapItemList):
 
     def lengths(self) -> np.ndarray:
         "Lengths of the list's items, in list order (int64, O(len(self)) reads of 16 bytes)."
+        if not len(self.items):      # e.g. the empty lists `load_learner` builds: no store to read
+            return np.zeros(0, np.int64)
         return self._store().lengths(np.asarray(self.items))
 
     def reconstruct(self, t: Any, x: Any = None) -> RaggedItem:

@@ -17,7 +17,7 @@ import torch
 from hypothesis import example, given, settings, strategies as st
 
 import fastai_memmap  # noqa: F401  (applies the fastai compat fixes)
-from fastai.basic_train import Learner
+from fastai.basic_train import Learner, load_learner
 from fastai_memmap import MemmapArray, MemmapItemList, MemmapWriter, save_memmap
 from fastai_memmap.errors import (FormatError, ItemShapeError, MemmapError, OffsetsError, RowIndexError,
                                   RowIndexTypeError, ShardMismatchError, StoreNotFoundError, TruncatedStoreError)
@@ -174,7 +174,7 @@ def test_shard_bytes_never_splits_an_item(tmp_path):
 
 # ---------------------------------------------------------------- writer errors
 @pytest.mark.parametrize("call,match", [
-    (lambda w: w.append([np.zeros((2, 3), "f4")]), r"expected items of shape \(length, 2\)"),
+    (lambda w: w.append([np.zeros((2, 3), "f4")]), r"expected items of shape \(\?, 2\) .*found \(2, 3\)"),
     (lambda w: w.append([np.zeros(2, "f4")]), r"expected items of shape"),
     (lambda w: w.append([np.zeros((2, 2), "c8")]), "castable"),
     (lambda w: w.append_flat(np.zeros((4, 2)), [1, 2]), r"sum\(lengths\) = 3 rows, found 4"),
@@ -461,6 +461,22 @@ def test_learner_trains_on_padded_batches_and_show_batch(token_stores):
     assert back.data.tolist() == list(range(1, int(xb[1][0]) + 1))
     data.show_batch(rows=3)
     plt.close("all")
+
+
+def test_export_load_learner_predict(token_stores):
+    path, items, _ = token_stores
+    data = (MemmapItemList.from_memmap(path / "x").split_by_rand_pct(0.2, seed=0)
+            .label_from_memmap(path / "y").databunch(bs=32, num_workers=0))
+    learn = Learner(data, MeanEmbed())
+    learn.fit(1, 1e-2)
+    before = learn.predict(items[5])
+    learn.export()
+    inf = load_learner(path)
+    after = inf.predict(items[5])
+    assert str(after[0]) == str(before[0]) and torch.allclose(after[2], before[2])
+    assert str(inf.predict(np.arange(1, 30))[0]) in ("short", "long")     # a raw item of a new length
+    with pytest.raises(ItemShapeError, match=r"expected an item of shape \(\?,\) .*found \(2, 2\)"):
+        inf.predict(np.zeros((2, 2), np.int32))
 
 
 def test_bucketing_off_and_processor_checks(token_stores, tmp_path):

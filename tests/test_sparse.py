@@ -15,7 +15,7 @@ from hypothesis import example, given, settings, strategies as st
 
 import fastai_memmap  # noqa: F401  (applies the fastai compat fixes)
 from fastai.basic_data import DatasetType
-from fastai.basic_train import Learner
+from fastai.basic_train import Learner, load_learner
 from fastai_memmap import MemmapArray, MemmapItemList, MemmapWriter, save_memmap
 from fastai_memmap.errors import ChecksumError, FormatError, ItemShapeError, OffsetsError, ShardMismatchError, SparseIndexError
 from fastai_memmap.format import MANIFEST_NAME, read_npy_header
@@ -271,6 +271,23 @@ def test_learner_trains_one_epoch(sparse_stores, output):
     learn.fit(2, 3e-2)
     after = learn.validate()[0]
     assert np.isfinite(after) and after < before
+
+
+def test_export_load_learner_predict(sparse_stores):
+    path, m, _ = sparse_stores
+    data = (MemmapItemList.from_memmap(path / "x").split_by_rand_pct(0.25, seed=0)
+            .label_from_memmap(path / "y").databunch(bs=32, num_workers=0))
+    learn = Learner(data, torch.nn.Sequential(SparseLinear(SIZE, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)))
+    learn.fit(1, 1e-2)
+    before = learn.predict(m[7].toarray()[0])
+    learn.export()
+    inf = load_learner(path)
+    assert inf.data.single_ds.x.size == SIZE
+    for raw in (m[7].toarray()[0], m[7]):                      # a dense row or a scipy row
+        after = inf.predict(raw)
+        assert str(after[0]) == str(before[0]) and torch.allclose(after[2], before[2])
+    with pytest.raises(ItemShapeError, match=rf"expected a row of shape \({SIZE},\), found \(3,\)"):
+        inf.predict(np.zeros(3, np.float32))
 
 
 def test_sparse_linear_same_for_every_layout():
