@@ -2,6 +2,7 @@
 import hashlib
 import mmap
 import os
+import struct
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -10,12 +11,14 @@ import numpy as np
 
 from .errors import (ChecksumError, RowIndexError, RowIndexTypeError, ShardMismatchError, StoreChangedError,
                      StoreNotFoundError, TruncatedStoreError)
-from .format import MANIFEST_NAME, Manifest, ShardInfo, confined_path, describe, read_npy_header
+from .format import MANIFEST_NAME, Manifest, ShardInfo, confined_path, describe, open_regular, read_npy_header
 
 __all__ = ["MemmapArray", "open_memmap", "DEFAULT_MAX_OPEN", "ACCESS_HINTS", "RANGE_HINTS"]
 
 DEFAULT_MAX_OPEN = 64       # mapped shards kept open at once; each mmap holds one file descriptor
 HASH_CHUNK = 16 << 20       # bytes hashed per read in verify(): big enough to amortise syscalls
+Ident = Tuple[int, int, int, int]   # (st_dev, st_ino, st_size, st_mtime_ns): one version of one file
+_IDENT = struct.Struct("<QQQq")     # an Ident packed in pickles: fixed size, whatever the numbers
 ADVISE_GAP = 256 << 10      # willneed/dontneed: rows closer than this many bytes share one range (one large read)
 PAGE = mmap.PAGESIZE        # madvise ranges start on a page boundary
 # madvise advice per hint name; None where this Python/OS lacks the constant (the hint is then a no-op)
@@ -43,11 +46,15 @@ class MemmapArray:
     """
 
     def __init__(self, path: Union[str, Path], manifest: Manifest, offsets: Optional[List[int]] = None,
-                 max_open: int = DEFAULT_MAX_OPEN, _bare: bool = False, access: str = "normal"):
+                 max_open: int = DEFAULT_MAX_OPEN, _bare: bool = False, access: str = "normal",
+                 _idents: Optional[List[Ident]] = None):
         self.path, self.manifest, self.max_open, self._bare = Path(path), manifest, int(max_open), _bare
         rows = [s.rows for s in manifest.shards]
         self._starts = np.concatenate([[0], np.cumsum(rows, dtype=np.int64)]).astype(np.int64)
         self._offsets = offsets
+        # each shard's file size, and the identity of the file validated at open (checked when mapping)
+        self._sizes = None if offsets is None else [o + r * manifest.row_bytes for o, r in zip(offsets, rows)]
+        self._idents = _idents
         self._maps: "OrderedDict[int, np.memmap]" = OrderedDict()
         self._views: Dict[int, np.ndarray] = {}   # plain ndarray views of the maps: no memmap overhead per read
         self._access = _check_hint(access, ACCESS_HINTS)
@@ -71,12 +78,20 @@ class MemmapArray:
         if p.name == MANIFEST_NAME:
             p = p.parent
         if p.is_dir():
+            before = _ident_or_none(p / MANIFEST_NAME)
             m = Manifest.load(p)
             if m.kind != "dense":
                 from .ragged import open_store_kind
-                return open_store_kind(p, m, max_open=max_open, validate=validate)
-            offsets = [cls._check_shard(p, s, m) for s in m.shards]
-            return cls(p, m, offsets, max_open=max_open)
+                a = open_store_kind(p, m, max_open=max_open, validate=validate)
+            else:
+                checked = [cls._check_shard(p, s, m) for s in m.shards]
+                a = cls(p, m, [o for o, _ in checked], max_open=max_open, _idents=[i for _, i in checked])
+            after = _ident_or_none(p / MANIFEST_NAME)
+            if after != before:   # else the manifest of one store may describe the shards of the next
+                raise StoreChangedError(f"{p / MANIFEST_NAME}: expected the manifest read at open "
+                                        f"({_show(before)}), found {_show(after)} after checking the shards; "
+                                        "store replaced while opening: open it again")
+            return a
         if p.is_file():
             return cls._open_npy(p, max_open)
         raise StoreNotFoundError(f"{p}: no store here; expected a store directory or a .npy file")
@@ -88,19 +103,24 @@ class MemmapArray:
             raise ShardMismatchError(f"{p}: expected an array with a row axis, found a 0-d array")
         m = Manifest(dtype=dtype, item_shape=tuple(shape[1:]), shards=(ShardInfo(p.name, shape[0]),),
                      meta={})
-        _check_size(p, m, shape[0], offset)
-        return cls(p.parent, m, [offset], max_open=max_open, _bare=True)
+        st = _check_size(p, m, shape[0], offset)
+        return cls(p.parent, m, [offset], max_open=max_open, _bare=True, _idents=[_ident(st)])
 
     @staticmethod
-    def _check_shard(store: Path, s: ShardInfo, m: Manifest) -> int:
+    def _check_shard(store: Path, s: ShardInfo, m: Manifest) -> Tuple[int, Ident]:
+        "Validate shard `s` against `m`; return its data offset and the identity of the file validated."
         fp = confined_path(store, s.file)
+        before = _stat(fp)
         dtype, shape, offset = read_npy_header(fp)
         if dtype != m.dtype or tuple(shape[1:]) != m.item_shape or not shape or shape[0] != s.rows:
             raise ShardMismatchError(
                 f"{fp}: expected {describe(m.dtype, m.item_shape, s.rows)} as in the manifest, found "
                 f"shape {shape} {dtype.name}; shard replaced or manifest edited?")
-        _check_size(fp, m, s.rows, offset)
-        return offset
+        ident = _ident(_check_size(fp, m, s.rows, offset))
+        if ident != _ident(before):   # the header read may belong to another file than the size checked
+            raise StoreChangedError(f"{fp}: expected the same file during open, found {_show(_ident(before))} "
+                                    f"then {_show(ident)}; store replaced while opening? open it again")
+        return offset, ident
 
     # ---------------------------------------------------------------- properties
     @property
@@ -154,21 +174,23 @@ class MemmapArray:
     # ---------------------------------------------------------------- pickling
     def __reduce__(self):
         return (_rebuild, (str(self.path), self.manifest.to_dict(), self._offsets, self.max_open, self._bare,
-                           self._access))
+                           self._access, _pack_idents(self._idents)))
 
     # ---------------------------------------------------------------- maps
     def _map(self, k: int) -> np.ndarray:
         m = self._maps.get(k)
         if m is not None:
             self._maps.move_to_end(k)
+            self._check_mapped(k, m)
             return m
         s = self.manifest.shards[k]
         shape = (s.rows,) + self.item_shape
         if s.rows == 0 or self.manifest.row_bytes == 0:
             return np.empty(shape, self.dtype)
         fp = self.path / s.file
-        _check_size(fp, self.manifest, s.rows, self._offsets[k], changed=True)
-        m = np.memmap(fp, dtype=self.dtype, mode="r", offset=self._offsets[k], shape=shape)
+        with _open_shard(fp) as f:   # read-only; identity checked on the descriptor that is mapped
+            self._check_same_file(k, fp, os.fstat(f.fileno()))
+            m = np.memmap(f, dtype=self.dtype, mode="r", offset=self._offsets[k], shape=shape)
         _madvise(m, ACCESS_HINTS[self._access])
         self._maps[k] = m
         self._views[k] = m.view(np.ndarray)
@@ -183,7 +205,27 @@ class MemmapArray:
             m = self._map(k)
             return self._views.get(k, m)   # a shard of no bytes has no map, only an empty array
         self._maps.move_to_end(k)
+        self._check_mapped(k, self._maps[k])
         return v
+
+    def _check_mapped(self, k: int, m: np.memmap) -> None:
+        "Raise ``StoreChangedError`` if mapped shard `k` changed size: an fstat of the map's descriptor, ~1 µs."
+        found = m._mmap.size()
+        if found != self._sizes[k]:
+            raise StoreChangedError(
+                f"{self.path / self.manifest.shards[k].file}: expected {self._sizes[k]} bytes as when the store "
+                f"was opened, found {found}; file truncated or rewritten while in use (reading it would kill "
+                "the process with SIGBUS): replace stores with MemmapWriter(overwrite=True), never in place")
+
+    def _check_same_file(self, k: int, fp: Path, st: os.stat_result) -> None:
+        "Raise ``StoreChangedError`` unless `st` is the file validated at open (device, inode, size, mtime)."
+        expect = None if self._idents is None else tuple(self._idents[k])
+        if expect is None:   # made without identities: at least the size must match
+            expect = (st.st_dev, st.st_ino, self._sizes[k], st.st_mtime_ns)
+        if _ident(st) != expect:
+            raise StoreChangedError(
+                f"{fp}: expected the file validated when the store was opened ({_show(expect)}), found "
+                f"{_show(_ident(st))}; store replaced or rewritten since (or copied elsewhere): open it again")
 
     def close(self) -> None:
         "Drop every map (and its file descriptor). The array stays usable: maps reopen on access."
@@ -238,7 +280,6 @@ class MemmapArray:
             for lo, hi in _row_ranges(local, self.manifest.row_bytes):
                 _madvise(m, advice, lo, hi)
 
-
     # ---------------------------------------------------------------- indexing
     def __getitem__(self, key: Any) -> np.ndarray:
         if isinstance(key, (int, np.integer)) and not isinstance(key, (bool, np.bool_)):
@@ -263,7 +304,14 @@ class MemmapArray:
         return i + n if i < 0 else i
 
     def _norm_indices(self, idx: Any) -> np.ndarray:
-        a = np.asarray(idx)
+        try:
+            a = np.asarray(idx)
+        except (ValueError, TypeError) as e:   # ragged nested lists
+            raise RowIndexTypeError(f"{self.path}: expected a 1-d sequence of integer row indices, found "
+                                    f"{idx!r:.100} ({e})") from None
+        if a.dtype == object and a.ndim == 1 and all(isinstance(v, int) for v in a.tolist()):
+            bad = next(v for v in a.tolist() if not -len(self) <= v < len(self))   # beyond int64: out of range
+            raise RowIndexError(f"{self.path}: row {bad} out of range, expected -{len(self)} <= row < {len(self)}")
         if a.dtype == bool:
             if a.shape != (len(self),):
                 raise RowIndexError(f"{self.path}: expected a boolean mask of shape ({len(self)},), found {a.shape}")
@@ -297,8 +345,9 @@ class MemmapArray:
         shape = (len(idx),) + self.item_shape
         if out is None:
             out = np.empty(shape, self.dtype)
-        elif out.shape != shape or out.dtype != self.dtype:
-            raise RowIndexError(f"{self.path}: expected out of shape {shape} {self.dtype}, found {out.shape} {out.dtype}")
+        elif out.shape != shape or out.dtype != self.dtype or not out.flags.writeable:
+            raise RowIndexError(f"{self.path}: expected out of shape {shape} {self.dtype}, writable, found "
+                                f"{out.shape} {out.dtype}{'' if out.flags.writeable else ', read-only'}")
         if len(idx) == 0:
             return out
         lo, hi = int(idx.min()), int(idx.max())
@@ -337,7 +386,9 @@ class MemmapArray:
             _check_size(fp, self.manifest, s.rows, self._offsets[k])
             if s.checksum is None:
                 continue
-            found = "sha256:" + file_sha256(fp, self._offsets[k])
+            with _open_shard(fp) as f:   # hash the file validated at open, not a replacement of the same size
+                self._check_same_file(k, fp, os.fstat(f.fileno()))
+                found = "sha256:" + _sha256(f, self._offsets[k])
             if found != s.checksum:
                 raise ChecksumError(f"{fp}: expected checksum {s.checksum}, found {found}; "
                                     "data changed after writing (disk error or edited file)")
@@ -345,29 +396,33 @@ class MemmapArray:
 
 def file_sha256(path: Path, offset: int) -> str:
     "Hex SHA-256 of the bytes of `path` from `offset` to the end, read in 16 MiB chunks."
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        f.seek(offset)
-        while True:
-            b = f.read(HASH_CHUNK)
-            if not b:
-                break
-            h.update(b)
+        return _sha256(f, offset)
+
+
+def _sha256(f: Any, offset: int) -> str:
+    h = hashlib.sha256()
+    f.seek(offset)
+    while True:
+        b = f.read(HASH_CHUNK)
+        if not b:
+            break
+        h.update(b)
     return h.hexdigest()
 
 
-def _check_size(fp: Path, m: Manifest, rows: int, offset: int, changed: bool = False) -> None:
+def _check_size(fp: Path, m: Manifest, rows: int, offset: int, changed: bool = False) -> os.stat_result:
+    "Raise unless the file at `fp` has the size its header and `rows` imply; return its ``stat``."
     expect = offset + rows * m.row_bytes
-    try:
-        found = os.stat(fp).st_size
-    except FileNotFoundError:
-        raise StoreNotFoundError(f"{fp}: shard file not found (store incomplete, moved or replaced?)") from None
+    st = _stat(fp)
+    found = st.st_size
     if found != expect:
         what = f"{expect} bytes ({offset} header + {rows} rows of {describe(m.dtype, m.item_shape)})"
         if changed:
             raise StoreChangedError(f"{fp}: expected {what}, found {found}; file changed since the store was opened")
         raise TruncatedStoreError(f"{fp}: expected {what}, found {found}; "
                                   f"{'truncated (writer not closed?)' if found < expect else 'trailing bytes'}")
+    return st
 
 
 def _check_hint(hint: str, hints: Dict[str, Optional[int]]) -> str:
@@ -404,12 +459,49 @@ def _row_ranges(rows: np.ndarray, row_bytes: int) -> List[Tuple[int, int]]:
 
 
 def _rebuild(path: str, manifest: Dict[str, Any], offsets: List[int], max_open: int, bare: bool,
-             access: str = "normal") -> MemmapArray:
+             access: str = "normal", idents: Optional[bytes] = None) -> MemmapArray:
     if bare:  # a bare .npy: its name need not be a valid shard name, re-read its header instead
         a = MemmapArray._open_npy(Path(path) / manifest["shards"][0]["file"], max_open)
         a._access = access
+        a._idents = _unpack_idents(idents) or a._idents   # the file the pickled array was opened on
         return a
-    return MemmapArray(path, Manifest.from_dict(manifest, where=path), offsets, max_open=max_open, access=access)
+    return MemmapArray(path, Manifest.from_dict(manifest, where=path), offsets, max_open=max_open, access=access,
+                       _idents=_unpack_idents(idents))
+
+
+# ---------------------------------------------------------------- file identity
+def _ident(st: os.stat_result) -> Ident:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _show(ident: Optional[Ident]) -> str:
+    return "no file" if ident is None else f"device {ident[0]} inode {ident[1]}, {ident[2]} bytes, mtime_ns {ident[3]}"
+
+
+def _ident_or_none(fp: Path) -> Optional[Ident]:
+    try:
+        return _ident(os.stat(fp))
+    except OSError:
+        return None
+
+
+def _stat(fp: Path) -> os.stat_result:
+    try:
+        return os.stat(fp)
+    except FileNotFoundError:
+        raise StoreNotFoundError(f"{fp}: shard file not found (store incomplete, moved or replaced?)") from None
+
+
+def _open_shard(fp: Path):
+    return open_regular(fp, "shard file not found (store moved, deleted or replaced since it was opened?)")
+
+
+def _pack_idents(idents: Optional[List[Ident]]) -> Optional[bytes]:
+    return None if idents is None else b"".join(_IDENT.pack(*i) for i in idents)
+
+
+def _unpack_idents(blob: Optional[bytes]) -> Optional[List[Ident]]:
+    return None if blob is None else list(_IDENT.iter_unpack(blob))
 
 
 def open_memmap(path: Union[str, Path], max_open: int = DEFAULT_MAX_OPEN, validate: str = "offsets") -> MemmapArray:
