@@ -20,3 +20,9 @@ from .tabular import MemmapTabularList
 from .inmemory import ImageListInMemory, SegmentationItemListInMemory, preload, unload
 from .convert_images import images_to_memmap
 from .parallel import save_dask
+from .ragged import RaggedArray, RaggedWriter, save_ragged
+from .sparse import SparseArray, SparseWriter, save_sparse, csr_to_dense
+from .padding import pad_ragged, RaggedCollate, BucketSampler, RaggedDataBunch
+from .ragged_items import RaggedItemList, RaggedItem
+from .sparse_items import SparseItemList, SparseItem, SparseLinear, sparse_batch
+from .text import MemmapLMDataBunch, LMStream, import_fastai_text

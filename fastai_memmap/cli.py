@@ -17,23 +17,33 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0 if res["accuracy"] >= args.min_accuracy else 1
 
 
+def _shape_text(a) -> str:
+    "One line describing what a store holds, for every kind (dense, ragged, sparse)."
+    kind = a.manifest.kind
+    if kind == "ragged":
+        return f"{len(a)} items of (var, {', '.join(map(str, a.trailing_shape))}) {a.dtype.name}, {a.nelements:,} elements in all"
+    if kind == "sparse":
+        return f"{len(a)} sparse rows of {a.size:,} {a.dtype.name} features, {a.nnz:,} stored entries"
+    return f"{len(a)} rows of {tuple(a.item_shape)} {a.dtype.name}"
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     from .reader import MemmapArray
     a = MemmapArray.open(args.path)
     m = a.manifest
+    files = [{"file": f.name, "bytes": f.stat().st_size} for f in a.shard_files]
     info = {"path": str(a.path), "kind": m.kind, "version": m.version, "dtype": a.dtype.name,
-            "item_shape": list(a.item_shape), "rows": len(a), "row_bytes": m.row_bytes, "data_bytes": a.nbytes,
-            "meta": m.meta, "shards": [{"file": s.file, "rows": s.rows, "bytes": f.stat().st_size,
-                                        "checksum": s.checksum} for s, f in zip(m.shards, a.shard_files)]}
+            "rows": len(a), "data_bytes": a.nbytes, "meta": m.meta, "shards": m.to_dict()["shards"],
+            "files": files, "summary": _shape_text(a)}
     if args.json:
         print(json.dumps(info, indent=1))
         return 0
-    print(f"{info['path']}: {len(a)} rows of {tuple(a.item_shape)} {a.dtype.name} "
-          f"({a.nbytes:,} data bytes, {m.row_bytes:,} per row), format v{m.version}, kind {m.kind}")
+    print(f"{info['path']}: {info['summary']} ({a.nbytes:,} data bytes), format v{m.version}, kind {m.kind}")
     if m.meta:
         print(f"meta: {json.dumps(m.meta)[:500]}")
     for s in info["shards"]:
-        print(f"  {s['file']}: {s['rows']} rows, {s['bytes']:,} bytes, {s['checksum'] or 'no checksum'}")
+        print(f"  {s['file']}: {s['rows']} rows, {s.get('checksum') or 'no checksum'}")
+    print(f"  files: {len(files)}, {sum(f['bytes'] for f in files):,} bytes on disk")
     return 0
 
 
