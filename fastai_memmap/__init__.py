@@ -26,3 +26,4 @@ from .padding import pad_ragged, RaggedCollate, BucketSampler, RaggedDataBunch
 from .ragged_items import RaggedItemList, RaggedItem
 from .sparse_items import SparseItemList, SparseItem, SparseLinear, sparse_batch
 from .text import MemmapLMDataBunch, LMStream, import_fastai_text
+from .distributed import to_memmap_distributed, MemmapDistributedTrainer

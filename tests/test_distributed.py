@@ -1,0 +1,61 @@
+"""Two CPU ranks (gloo) train on one store: disjoint parts, union = every item once, DDP in sync."""
+import sys
+import subprocess
+import textwrap
+
+import numpy as np
+
+from fastai_memmap import save_memmap
+
+RANK_SCRIPT = textwrap.dedent('''
+    import sys, numpy as np, torch, torch.distributed as dist
+    import fastai_memmap
+    from fastai.basic_train import Learner, LearnerCallback
+    from fastai_memmap import MemmapItemList
+    from fastai_memmap.distributed import to_memmap_distributed
+
+    class Record(LearnerCallback):
+        def on_epoch_begin(self, **kw): self.ids = []
+        def on_batch_begin(self, last_input, train, **kw):
+            if train: self.ids.append(last_input[:, 0].long().numpy())
+        def on_epoch_end(self, epoch, **kw):
+            np.save(f"{out}/rank{rank}_epoch{epoch}.npy", np.concatenate(self.ids))
+
+    out, rank = sys.argv[1], int(sys.argv[2])
+    dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=2)
+    torch.manual_seed(rank)            # different init on purpose: DDP broadcasts rank 0's weights
+    data = (MemmapItemList.from_memmap(f"{out}/x").split_by_idx(list(range(0, 1000, 10)))
+            .label_from_memmap(f"{out}/y").databunch(bs=32, num_workers=0))
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    learn = Learner(data, model)
+    learn.callbacks.append(Record(learn))
+    to_memmap_distributed(learn, seed=7, drop_last=False, block_bytes=16 * 16, window_blocks=1)
+    learn.fit(2, 1e-2)
+    np.save(f"{out}/rank{rank}_weights.npy", torch.cat([p.detach().flatten() for p in learn.model.parameters()]).numpy())
+    dist.destroy_process_group()
+''')
+
+
+def test_two_ranks_split_every_epoch_exactly(tmp_path):
+    x = np.random.default_rng(0).normal(size=(1000, 4)).astype(np.float32)
+    x[:, 0] = np.arange(1000)
+    save_memmap(tmp_path / "x", x)
+    save_memmap(tmp_path / "y", (np.arange(1000) % 2).astype(np.int64), meta={"classes": ["a", "b"]})
+    (tmp_path / "rank.py").write_text(RANK_SCRIPT)
+    procs = [subprocess.Popen([sys.executable, str(tmp_path / "rank.py"), str(tmp_path), str(r)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
+    train_rows = sorted(set(range(1000)) - set(range(0, 1000, 10)))
+    orders = []
+    for epoch in (0, 1):
+        r0, r1 = (np.load(tmp_path / f"rank{r}_epoch{epoch}.npy") for r in (0, 1))
+        assert not set(r0.tolist()) & set(r1.tolist())                        # disjoint parts
+        assert sorted(r0.tolist() + r1.tolist()) == train_rows                # union = every item once
+        assert abs(len(r0) - len(r1)) <= 1
+        same_block = np.mean(np.diff(r0 // 16) == 0)    # blocks of 16 rows (16 bytes each) stay together
+        assert same_block > 0.5, same_block             # a uniform shuffle over ~57 blocks gives ~0.02
+        orders.append(r0)
+    assert not np.array_equal(orders[0], orders[1])                           # a new permutation per epoch
+    w0, w1 = (np.load(tmp_path / f"rank{r}_weights.npy") for r in (0, 1))
+    np.testing.assert_allclose(w0, w1, rtol=1e-6, atol=1e-7)                  # DDP kept the ranks in sync
