@@ -13,10 +13,8 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .errors import (ItemShapeError, MemmapError, OffsetsError, RowIndexError, RowIndexTypeError,
-                     ShardMismatchError, TruncatedStoreError)
-from .format import (OFFSETS_DTYPE, Manifest, ShardInfo, confined_path, describe, npy_header_bytes, read_npy_header,
-                     shard_name)
+from .errors import ItemShapeError, MemmapError, OffsetsError, RowIndexError, RowIndexTypeError, ShardMismatchError
+from .format import OFFSETS_DTYPE, Manifest, ShardInfo, npy_header_bytes, shard_name
 from .reader import DEFAULT_MAX_OPEN, MemmapArray
 from .writer import DEFAULT_SHARD_BYTES, MemmapWriter
 
@@ -132,27 +130,14 @@ def _part_manifests(m: Manifest, dtype: np.dtype, trailing: Tuple[int, ...]) -> 
 
 def open_part(store: Path, m: Manifest, max_open: int) -> MemmapArray:
     """Open the dense virtual array of one part of a ragged/sparse store (elements, offsets or values),
-    checking each file's ``.npy`` header and size against `m` (O(number of shards)).
+    checking each file's ``.npy`` header, size and identity against `m` (O(number of shards)), as
+    `MemmapArray` does for a dense store: a file replaced later is refused when first mapped.
 
     Raises ``StoreNotFoundError``, ``FormatError``, ``ShardMismatchError``, ``TruncatedStoreError``,
-    ``UnsafePathError``, naming the file.
+    ``StoreChangedError``, ``UnsafePathError``, naming the file.
     """
-    offsets = []
-    for s in m.shards:
-        fp = confined_path(store, s.file)
-        dtype, shape, offset = read_npy_header(fp)
-        if dtype != m.dtype or tuple(shape[1:]) != m.item_shape or not shape or shape[0] != s.rows:
-            raise ShardMismatchError(
-                f"{fp}: expected {describe(m.dtype, m.item_shape, s.rows)} as in the manifest, found shape "
-                f"{shape} {dtype.name}; shard replaced or manifest edited?")
-        expect = offset + s.rows * m.row_bytes
-        found = os.stat(fp).st_size
-        if found != expect:
-            raise TruncatedStoreError(
-                f"{fp}: expected {expect} bytes ({offset} header + {describe(m.dtype, m.item_shape, s.rows)}), "
-                f"found {found}; {'truncated (writer not closed?)' if found < expect else 'trailing bytes'}")
-        offsets.append(offset)
-    return MemmapArray(store, m, offsets, max_open=max_open)
+    checked = [MemmapArray._check_shard(store, s, m) for s in m.shards]   # header, size, file identity
+    return MemmapArray(store, m, [o for o, _ in checked], max_open=max_open, _idents=[i for _, i in checked])
 
 
 class RaggedArray:
