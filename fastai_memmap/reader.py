@@ -3,6 +3,7 @@ import hashlib
 import mmap
 import os
 import struct
+import sys
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -19,11 +20,13 @@ DEFAULT_MAX_OPEN = 64       # mapped shards kept open at once; each mmap holds o
 HASH_CHUNK = 16 << 20       # bytes hashed per read in verify(): big enough to amortise syscalls
 Ident = Tuple[int, int, int, int]   # (st_dev, st_ino, st_size, st_mtime_ns): one version of one file
 _IDENT = struct.Struct("<QQQq")     # an Ident packed in pickles: fixed size, whatever the numbers
-ADVISE_GAP = 256 << 10      # willneed/dontneed: rows closer than this many bytes share one range (one large read)
+ADVISE_GAP = 256 << 10      # one-off hints: rows closer than this many bytes share one range (one large read)
 PAGE = mmap.PAGESIZE        # madvise ranges start on a page boundary
 # madvise advice per hint name; None where this Python/OS lacks the constant (the hint is then a no-op)
 ACCESS_HINTS = {name: getattr(mmap, "MADV_" + name.upper(), None) for name in ("normal", "random", "sequential")}
 RANGE_HINTS = {name: getattr(mmap, "MADV_" + name.upper(), None) for name in ("willneed", "dontneed")}
+# MADV_POPULATE_READ (Linux >= 5.14; Python's mmap module lacks the constant): read and map the pages now
+RANGE_HINTS["populate"] = getattr(mmap, "MADV_POPULATE_READ", 22 if sys.platform.startswith("linux") else None)
 
 
 class MemmapArray:
@@ -247,11 +250,13 @@ class MemmapArray:
             Access pattern of every map, kept for maps opened later and by unpickled copies (DataLoader
             workers): ``'random'`` (no readahead around page faults: cold random reads fetch only the
             pages touched), ``'sequential'`` (aggressive readahead), ``'normal'`` (the default).
-            Or a one-off request on the page cache, shared by every process: ``'willneed'`` (start
-            reading `rows` from disk in the background, in large requests) or ``'dontneed'``
-            (unmap `rows` from this process; the page cache keeps them).
+            Or a one-off request on `rows`: ``'willneed'`` (start reading them from disk in the
+            background, in large requests, into the page cache shared by every process),
+            ``'populate'`` (read them and map them into this process now, blocking until done:
+            later reads of them take no page fault; a no-op before Linux 5.14) or ``'dontneed'``
+            (unmap them from this process; the page cache keeps them).
         rows : int array-like, optional
-            Only for ``'willneed'`` / ``'dontneed'``: the row numbers concerned (default: every row).
+            Only for the one-off hints: the row numbers concerned (default: every row).
             Rows less than 256 KiB apart are merged into one range.
 
         Raises
@@ -264,7 +269,7 @@ class MemmapArray:
         if hint in ACCESS_HINTS:
             if rows is not None:
                 raise ValueError(f"{self.path}: access hint {hint!r} applies to whole maps, found rows=...; "
-                                 "pass rows only with 'willneed' or 'dontneed'")
+                                 "pass rows only with 'willneed', 'populate' or 'dontneed'")
             self._access = hint
             for m in self._maps.values():
                 _madvise(m, ACCESS_HINTS[hint])

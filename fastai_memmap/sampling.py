@@ -16,28 +16,35 @@ shuffling keeps the order random enough for SGD and the reads sequential enough 
 The order is a pure function of ``(n, block_rows, window_blocks, seed, epoch, num_replicas, rank)``:
 every rank computes the same permutation from the same seed. With ``readahead``, the sampler asks the
 kernel (``madvise(WILLNEED)``) to read the next windows in the background while the current one is
-consumed, so cold reads become large sequential requests and each byte is read from disk once.
+consumed, so cold reads become large sequential requests and each byte is read from disk once, and
+maps them into the process (``POPULATE_READ``), so the gathers take no page fault; all of this in a
+background thread (the system calls release the GIL).
 
 Use it through ``databunch(shuffle='block')`` or ``databunch(shuffle=BlockShuffle(seed=..., ...))``
 on a `MemmapItemList`: the training loader then samples with a `BlockShuffleSampler`; the other
 loaders keep fastai's order.
 """
+import collections
+import queue
+import threading
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, List, Optional, Union
+from typing import Any, Iterator, List, Optional, Union
 
 import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-__all__ = ["BlockShuffleSampler", "BlockShuffle", "block_shuffle_order", "use_sampler", "shuffle_option",
+__all__ = ["BlockShuffleSampler", "BlockShuffle", "StoreReadahead", "block_shuffle_order", "use_sampler",
+           "shuffle_option",
            "DEFAULT_BLOCK_BYTES", "DEFAULT_WINDOW_BLOCKS", "READAHEAD_WINDOWS"]
 
 DEFAULT_BLOCK_BYTES = 4 << 20   # bytes of contiguous rows per block: one large sequential read
 DEFAULT_WINDOW_BLOCKS = 16      # blocks whose rows are mixed together; 16 x 4 MiB stays small next to RAM
 READAHEAD_WINDOWS = 2           # windows asked for ahead of the one being read: keeps the disk queue busy
+CLOSE_TIMEOUT = 30.0            # seconds an epoch's end waits for the readahead thread (one window's read)
+MAX_WINDOW_LOOP = 4096          # up to this many windows, each is permuted on its own (faster than one argsort)
 
-Prefetch = Callable[[np.ndarray], None]
 
 
 def _positive(name: str, value: Any) -> int:
@@ -59,19 +66,28 @@ def _rank_slice(n: int, num_replicas: int, rank: int) -> slice:
     return slice(start, start + q + (rank < r))
 
 
-def _block_plan(n: int, block_rows: int, window_blocks: int, seed: int, epoch: int,
-                keys: Optional[np.ndarray]) -> tuple:
+def _base_order(n: int, keys: Optional[np.ndarray]) -> np.ndarray:
+    "Positions in disk order: ``argsort(keys)`` (stable), or ``0 .. n-1``."
+    return np.arange(n, dtype=np.int64) if keys is None else np.argsort(keys, kind="stable").astype(np.int64)
+
+
+def _block_plan(n: int, block_rows: int, window_blocks: int, seed: int, epoch: int, base: np.ndarray) -> tuple:
     "(order of every position this epoch, window number of each entry of that order)."
-    base = np.arange(n, dtype=np.int64) if keys is None else np.argsort(keys, kind="stable").astype(np.int64)
     rng = np.random.default_rng([int(seed) & 0xFFFFFFFFFFFFFFFF, int(epoch)])
     n_blocks = -(-n // block_rows)
     blocks = rng.permutation(n_blocks)
     sizes = np.minimum(block_rows, n - blocks * block_rows)          # the last block may be short
     starts = np.repeat(blocks * block_rows - np.cumsum(sizes) + sizes, sizes)
     seq = np.arange(n, dtype=np.int64) + starts                      # block-shuffled positions into `base`
-    window = np.repeat(np.arange(n_blocks) // window_blocks, sizes)
-    order = np.argsort(window + rng.random(n), kind="stable")        # shuffle within each window only
-    return base[seq[order]], window[order]
+    ends = np.cumsum(sizes)
+    bounds = np.unique(np.concatenate([[0], ends[window_blocks - 1::window_blocks], [n]]))
+    window = np.repeat(np.arange(len(bounds) - 1), np.diff(bounds))
+    if len(bounds) <= MAX_WINDOW_LOOP:                               # shuffle within each window only
+        for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+            seq[a:b] = seq[a:b][rng.permutation(b - a)]
+    else:
+        seq = seq[np.argsort(window + rng.random(n), kind="stable")]
+    return base[seq], window
 
 
 def block_shuffle_order(n: int, block_rows: int, window_blocks: int = DEFAULT_WINDOW_BLOCKS, seed: int = 0,
@@ -111,7 +127,7 @@ def block_shuffle_order(n: int, block_rows: int, window_blocks: int = DEFAULT_WI
     return order
 
 
-def _plan(n, block_rows, window_blocks, seed, epoch, num_replicas, rank, keys) -> tuple:
+def _plan(n, block_rows, window_blocks, seed, epoch, num_replicas, rank, keys, base=None) -> tuple:
     block_rows, window_blocks = _positive("block_rows", block_rows), _positive("window_blocks", window_blocks)
     _check_rank(num_replicas, rank)
     if n < 0:
@@ -122,9 +138,57 @@ def _plan(n, block_rows, window_blocks, seed, epoch, num_replicas, rank, keys) -
             raise ValueError(f"expected keys of shape ({n},) (one per position), found {keys.shape}")
     if n == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    order, window = _block_plan(n, block_rows, window_blocks, seed, epoch, keys)
+    base = _base_order(n, keys) if base is None else base
+    order, window = _block_plan(n, block_rows, window_blocks, seed, epoch, base)
     part = _rank_slice(n, num_replicas, rank)
     return order[part], window[part]
+
+
+class _Readahead:
+    """Runs a prefetcher on upcoming windows in a daemon thread, in the order asked.
+
+    Every window asked for is *started* as soon as the thread sees it (``prefetch.start``, e.g.
+    ``madvise(WILLNEED)``: the disk gets the requests at once); then the oldest started window is
+    *finished* (``prefetch.finish``, e.g. ``madvise(POPULATE_READ)``: wait for it and map it),
+    so the reading thread finds its rows mapped. A plain callable is a ``start`` without ``finish``.
+    """
+
+    def __init__(self, prefetch: Any):
+        self.start_one = getattr(prefetch, "start", prefetch)
+        self.finish_one = getattr(prefetch, "finish", None)
+        self.q: "queue.Queue" = queue.Queue()
+        self.stopped = threading.Event()
+        self.failed: Optional[BaseException] = None
+        self.thread = threading.Thread(target=self._run, name="fastai_memmap-readahead", daemon=True)
+        self.thread.start()
+
+    def ask(self, positions: np.ndarray) -> None:
+        self.q.put(positions)
+
+    def close(self) -> None:
+        "Stop after the request in progress (at most one window's read) and wait for the thread."
+        self.stopped.set()
+        self.q.put(None)
+        self.thread.join(CLOSE_TIMEOUT)
+
+    def _run(self) -> None:
+        pending: "collections.deque" = collections.deque()
+        try:
+            while not self.stopped.is_set():
+                try:
+                    item = self.q.get(block=not pending)
+                except queue.Empty:
+                    if self.finish_one is not None:
+                        self.finish_one(pending[0])
+                    pending.popleft()
+                    continue
+                if item is None:
+                    return
+                self.start_one(item)
+                pending.append(item)
+        except Exception as e:   # a hint that fails must not stop training
+            self.failed = e
+            warnings.warn(f"BlockShuffleSampler: readahead failed ({type(e).__name__}: {e}); continuing without it")
 
 
 class BlockShuffleSampler(Sampler):
@@ -146,9 +210,12 @@ class BlockShuffleSampler(Sampler):
         position and together hold every position once.
     keys : int array-like, optional
         Disk order of the positions (store rows); see `block_shuffle_order`.
-    prefetch : callable, optional
-        Called in the main process with the sorted positions of each upcoming window (int64
-        array), `READAHEAD_WINDOWS` windows ahead, to start reading them (``madvise(WILLNEED)``).
+    prefetch : callable or object with ``start`` and ``finish``, optional
+        Readahead, run in a background thread (started with each epoch, stopped at its end) on the
+        positions of each upcoming window (int64 array, any order), `READAHEAD_WINDOWS` windows
+        ahead: ``start(positions)`` (or the callable) as soon as the window is asked for, then
+        ``finish(positions)`` of the oldest started window (see `StoreReadahead`). A failure warns
+        once and switches readahead off for the epoch.
     epoch : int
         First epoch. Each ``iter()`` uses the current epoch and then advances it, so successive
         epochs differ without a ``set_epoch`` call; `set_epoch` pins it explicitly.
@@ -156,7 +223,7 @@ class BlockShuffleSampler(Sampler):
 
     def __init__(self, n: int, block_rows: int = DEFAULT_BLOCK_BYTES // 4096,
                  window_blocks: int = DEFAULT_WINDOW_BLOCKS, seed: Optional[int] = None, num_replicas: int = 1,
-                 rank: int = 0, keys: Optional[Any] = None, prefetch: Optional[Prefetch] = None, epoch: int = 0):
+                 rank: int = 0, keys: Optional[Any] = None, prefetch: Any = None, epoch: int = 0):
         self.n, self.block_rows, self.window_blocks = int(n), _positive("block_rows", block_rows), \
             _positive("window_blocks", window_blocks)
         _check_rank(num_replicas, rank)
@@ -166,6 +233,8 @@ class BlockShuffleSampler(Sampler):
         if self.keys is not None and self.keys.shape != (self.n,):
             raise ValueError(f"expected keys of shape ({self.n},) (one per position), found {self.keys.shape}")
         self.prefetch, self.epoch = prefetch, int(epoch)
+        self._base = None if self.n == 0 else _base_order(self.n, self.keys)
+        self._cached: Optional[tuple] = None   # (epoch, order, window): the plan is computed once per epoch
 
     def set_epoch(self, epoch: int) -> None:
         "Make the next ``iter()`` produce the order of `epoch` (and advance from there)."
@@ -173,17 +242,20 @@ class BlockShuffleSampler(Sampler):
 
     def order(self, epoch: Optional[int] = None) -> np.ndarray:
         "This rank's positions for `epoch` (default: the current one), int64, a new array."
-        epoch = self.epoch if epoch is None else epoch
-        return block_shuffle_order(self.n, self.block_rows, self.window_blocks, self.seed, epoch,
-                                   self.num_replicas, self.rank, self.keys)
+        return self._plan(self.epoch if epoch is None else int(epoch))[0].copy()
+
+    def _plan(self, epoch: int) -> tuple:
+        if self._cached is None or self._cached[0] != epoch:
+            self._cached = (epoch,) + _plan(self.n, self.block_rows, self.window_blocks, self.seed, epoch,
+                                            self.num_replicas, self.rank, self.keys, self._base)
+        return self._cached[1:]
 
     def __len__(self) -> int:
         part = _rank_slice(self.n, self.num_replicas, self.rank)
         return part.stop - part.start
 
     def __iter__(self) -> Iterator[int]:
-        order, window = _plan(self.n, self.block_rows, self.window_blocks, self.seed, self.epoch,
-                              self.num_replicas, self.rank, self.keys)
+        order, window = self._plan(self.epoch)
         self.epoch += 1
         if self.prefetch is None:
             return iter(order.tolist())
@@ -192,21 +264,44 @@ class BlockShuffleSampler(Sampler):
     def _iter_prefetching(self, order: np.ndarray, window: np.ndarray) -> Iterator[int]:
         cuts = np.flatnonzero(np.diff(window)) + 1
         parts = np.split(order, cuts) if len(order) else []
-        for w in range(min(READAHEAD_WINDOWS, len(parts))):
-            self._ask(parts[w])
-        for w, part in enumerate(parts):
-            if w + READAHEAD_WINDOWS < len(parts):
-                self._ask(parts[w + READAHEAD_WINDOWS])
-            yield from part.tolist()
-
-    def _ask(self, positions: np.ndarray) -> None:
-        if self.prefetch is None:   # switched off by an earlier failure
-            return
+        ahead = _Readahead(self.prefetch)
         try:
-            self.prefetch(np.sort(positions))
-        except Exception as e:   # a hint that fails must not stop training
-            warnings.warn(f"BlockShuffleSampler: prefetch failed ({type(e).__name__}: {e}); continuing without it")
-            self.prefetch = None
+            for w in range(min(READAHEAD_WINDOWS, len(parts))):
+                ahead.ask(parts[w])
+            for w, part in enumerate(parts):
+                if w + READAHEAD_WINDOWS < len(parts):
+                    ahead.ask(parts[w + READAHEAD_WINDOWS])
+                yield from part.tolist()
+        finally:
+            ahead.close()
+
+
+class StoreReadahead:
+    """Readahead of the store rows behind dataset positions, for `BlockShuffleSampler`.
+
+    ``start(positions)`` asks the kernel to read the rows (``advise('willneed')``: large
+    background requests into the page cache, shared with worker processes); ``finish(positions)``
+    waits for them and maps them into this process (``advise('populate')``), so gathers in this
+    process take no page fault.
+
+    Parameters
+    ----------
+    targets : list of (MemmapArray, int64 array)
+        Each store with the store row of every dataset position.
+    """
+
+    def __init__(self, targets: List[tuple]):
+        self.targets = targets
+
+    def start(self, positions: np.ndarray) -> None:
+        "Start reading the rows of `positions` in the background."
+        for store, rows in self.targets:
+            store.advise("willneed", rows[positions])
+
+    def finish(self, positions: np.ndarray) -> None:
+        "Wait until the rows of `positions` are read and mapped."
+        for store, rows in self.targets:
+            store.advise("populate", rows[positions])
 
 
 @dataclass(frozen=True)
@@ -266,16 +361,10 @@ def _rows(il: Any) -> Optional[np.ndarray]:
     return np.asarray(items)
 
 
-def _store_prefetch(lists: List[Any]) -> Optional[Prefetch]:
-    "A prefetch callable advising ``willneed`` on the rows of every store-backed list of `lists`."
+def _store_prefetch(lists: List[Any]) -> Optional[StoreReadahead]:
+    "A `StoreReadahead` over the stores of the store-backed lists of `lists`, or None if there are none."
     targets = [(il.store, rows) for il in lists if il is not None for rows in [_rows(il)] if rows is not None]
-    if not targets:
-        return None
-
-    def prefetch(positions: np.ndarray) -> None:
-        for store, rows in targets:
-            store.advise("willneed", rows[positions])
-    return prefetch
+    return StoreReadahead(targets) if targets else None
 
 
 def shuffle_option(shuffle: Union[bool, str, BlockShuffle]) -> Optional[BlockShuffle]:

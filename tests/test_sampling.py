@@ -1,6 +1,8 @@
 """Block shuffling (fastai_memmap.sampling) and the reader's access hints: every row once per epoch,
 locality, reproducibility, rank splits, readahead, and the sampler inside fastai's data bunches."""
 import pickle
+import threading
+import time
 import warnings
 
 import numpy as np
@@ -116,20 +118,44 @@ def test_default_seed_follows_torch_manual_seed():
     assert list(BlockShuffleSampler(500, 20, 2)) == a
 
 
-def test_prefetch_asks_for_each_window_before_it_is_read():
-    calls, seen = [], []
+class Recorder:
+    "A prefetcher that records what it is asked, and from which thread."
 
-    def prefetch(positions):
-        assert np.all(np.diff(positions) > 0)        # sorted, unique
-        calls.append((len(seen), positions.copy()))
-    s = BlockShuffleSampler(1000, 50, 2, seed=0, prefetch=prefetch)
-    for p in s:
+    def __init__(self):
+        self.started, self.finished, self.threads = [], [], set()
+
+    def start(self, positions):
+        self.threads.add(threading.get_ident())
+        self.started.append(np.sort(positions))
+
+    def finish(self, positions):
+        self.finished.append(np.sort(positions))
+
+
+def test_readahead_starts_and_finishes_every_window_in_order_in_a_thread():
+    rec = Recorder()
+    s = BlockShuffleSampler(1000, 50, 2, seed=0, prefetch=rec)
+    seen = []
+    for p in s:                       # a slow consumer: the thread keeps READAHEAD_WINDOWS windows ahead
+        if len(seen) % 100 == 0:
+            want, deadline = min(10, len(seen) // 100 + READAHEAD_WINDOWS), time.monotonic() + 10
+            while len(rec.started) < want and time.monotonic() < deadline:
+                time.sleep(0.001)
+            assert len(rec.started) >= want
         seen.append(p)
-    asked = np.concatenate([c[1] for c in calls])
-    assert np.array_equal(np.sort(asked), np.arange(1000))         # every position asked for once
-    for when, positions in calls:                                   # ... before any of it was yielded
-        assert not set(positions.tolist()) & set(seen[:when])
-    assert calls[READAHEAD_WINDOWS][0] == 0                         # windows 0..READAHEAD_WINDOWS up front
+    windows = [np.sort(p) for p in np.split(np.array(seen), range(100, 1000, 100))]
+    assert len(rec.started) == 10 and all(np.array_equal(a, b) for a, b in zip(rec.started, windows))
+    assert 1 <= len(rec.finished) and all(np.array_equal(a, b) for a, b in zip(rec.finished, windows))
+    assert rec.threads and threading.get_ident() not in rec.threads
+    assert not [t for t in threading.enumerate() if t.name == "fastai_memmap-readahead"]   # stopped at the end
+
+
+def test_readahead_thread_stops_when_the_epoch_is_abandoned():
+    s = BlockShuffleSampler(10_000, 50, 2, seed=0, prefetch=Recorder())
+    it = iter(s)
+    assert [next(it) for _ in range(10)]
+    it.close()
+    assert not [t for t in threading.enumerate() if t.name == "fastai_memmap-readahead"]
 
 
 def test_failing_prefetch_warns_and_the_epoch_goes_on():
@@ -177,10 +203,17 @@ def test_block_string_option_and_readahead_advises_the_stores(stores, monkeypatc
     monkeypatch.setattr(MemmapArray, "advise", lambda self, hint, rows=None: asked.append((self.path.name, hint,
                                                                                            np.asarray(rows))))
     data = lls.databunch(bs=50, num_workers=0, shuffle="block", no_check=True)
-    rows = _epoch_rows(data.train_dl)
+    rows = []
+    for i, (xb, _) in enumerate(data.train_dl):
+        deadline = time.monotonic() + 10
+        while i == 0 and len(asked) < 4 and time.monotonic() < deadline:    # the readahead thread runs first
+            time.sleep(0.001)
+        rows += [int(r) for r in xb[:, 0].tolist()]
     assert sorted(rows) == list(range(N))
-    assert {(name, hint) for name, hint, _ in asked} == {("x", "willneed"), ("y", "willneed")}
-    assert sorted(np.concatenate([r for name, _, r in asked if name == "x"]).tolist()) == list(range(N))
+    assert {(name, hint) for name, hint, _ in asked} == {(s, h) for s in "xy" for h in ("willneed", "populate")}
+    for hint in ("willneed", "populate"):
+        rows = np.concatenate([r for name, h, r in asked if name == "x" and h == hint])
+        assert sorted(rows.tolist()) == list(range(N))
 
 
 def test_sampler_survives_new_batch_size_and_fit(stores):
@@ -225,6 +258,7 @@ def test_access_hint_applies_to_maps_opened_later_and_survives_pickling(tmp_path
     a.advise("willneed")
     a.advise("willneed", [3, 4, 5, 17])
     a.advise("dontneed", np.array([1, 2]))
+    a.advise("populate", [0, 19])
     a.advise("sequential")
     assert np.array_equal(a[:], np.arange(40, dtype=np.float32).reshape(20, 2))
 
