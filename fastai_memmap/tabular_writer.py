@@ -7,7 +7,6 @@ Everything is built in a hidden directory ``.NAME.fmtmp-PID-HEX`` next to `out` 
 import json
 import os
 import shutil
-import uuid
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple
@@ -15,11 +14,10 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import numpy as np
 import pandas as pd
 
-from .errors import StoreExistsError, TabularError
+from .errors import TabularError
 from .tabular_split import _Split
 from .tabular_state import STATE_NAME, TabularState
-from .writer import (MemmapWriter, OLD_MARK, TMP_MARK, _clean_stale, _fsync_dir, _remove,
-                     _take_lock, _write_fsync)
+from .writer import MemmapWriter, begin_staging, commit_staging, _fsync_dir, _write_fsync
 
 __all__: list = []           # internal to the tabular converter
 
@@ -33,19 +31,7 @@ class _Staging:
         self._lock = None
 
     def __enter__(self) -> "_Staging":
-        parent = self.out.parent
-        if not parent.is_dir():
-            raise FileNotFoundError(f"{self.out}: parent directory {parent} does not exist")
-        self._lock = _take_lock(parent / f".{self.out.name}.lock", self.out)
-        try:
-            if self.out.exists() and not self.overwrite:
-                raise StoreExistsError(f"{self.out}: exists already; pass overwrite=True to replace it")
-            _clean_stale(parent, self.out.name)
-            self.dir = parent / f".{self.out.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            self.dir.mkdir()
-        except BaseException:
-            self._release()
-            raise
+        self._lock, self.dir = begin_staging(self.out, self.overwrite)
         return self
 
     def commit(self, doc: Dict[str, Any]) -> None:
@@ -57,15 +43,8 @@ class _Staging:
             lock.unlink()
         _write_fsync(self.dir / STATE_NAME, text.encode("utf8"))
         _fsync_dir(self.dir)
-        old = None
-        if self.out.exists() or self.out.is_symlink():
-            old = self.out.parent / f".{self.out.name}{OLD_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            os.rename(self.out, old)
-        os.rename(self.dir, self.out)
+        commit_staging(self.dir, self.out, self.overwrite)
         self.dir = None
-        _fsync_dir(self.out.parent)
-        if old is not None:
-            _remove(old)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if self.dir is not None:

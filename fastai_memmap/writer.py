@@ -23,13 +23,13 @@ import shutil
 import uuid
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Iterable, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from .errors import (ItemShapeError, StoreExistsError, StoreWriteError, UnsafePathError, WriterConflictError,
                      MemmapError)
-from .format import MANIFEST_NAME, Manifest, ShardInfo, check_dtype, describe, npy_header_bytes, shard_name
+from .format import MANIFEST_NAME, Manifest, ShardInfo, check_dtype, npy_header_bytes, shard_name
 
 __all__ = ["MemmapWriter", "save_memmap", "DEFAULT_SHARD_BYTES", "TMP_MARK"]
 
@@ -123,20 +123,7 @@ class MemmapWriter:
 
     def open(self) -> "MemmapWriter":
         "Take the lock, clean stale temporaries and create the temporary directory (``__enter__`` calls this)."
-        parent = self.path.parent
-        if not parent.is_dir():
-            raise FileNotFoundError(f"{self.path}: parent directory {parent} does not exist")
-        self._lock = _take_lock(parent / f".{self.path.name}.lock", self.path)
-        try:
-            _clean_stale(parent, self.path.name)   # may put back a store whose replacement was interrupted
-            if (self.path.exists() or self.path.is_symlink()) and not self.overwrite:
-                what = "a symlink" if self.path.is_symlink() else "a file or store"
-                raise StoreExistsError(f"{self.path}: {what} exists already; pass overwrite=True to replace it")
-            self._tmp = parent / f".{self.path.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            self._tmp.mkdir()
-        except BaseException:
-            self._release()
-            raise
+        self._lock, self._tmp = begin_staging(self.path, self.overwrite)
         if self.progress and self.total:
             from fastprogress.fastprogress import progress_bar
             self._pbar = progress_bar(range(self.total))
@@ -245,27 +232,8 @@ class MemmapWriter:
                         shards=tuple(ShardInfo(n, r, c) for n, r, c in self._shards))
 
     def _commit(self) -> None:
-        old = None
-        if self.path.exists() or self.path.is_symlink():
-            if not self.overwrite:
-                raise StoreExistsError(f"{self.path}: appeared while writing; not replaced (overwrite=False)")
-            if _try_exchange(self._tmp, self.path):   # one atomic step: the old store is now at self._tmp
-                old, self._tmp = self._tmp, None
-                _fsync_dir(self.path.parent)
-                _remove(old)
-                return
-            old = self.path.parent / f".{self.path.name}{OLD_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            os.rename(self.path, old)
-        try:
-            os.rename(self._tmp, self.path)
-        except OSError:
-            if old is not None:   # put the previous store back: the target must be unchanged
-                os.rename(old, self.path)
-            raise
+        commit_staging(self._tmp, self.path, self.overwrite)
         self._tmp = None
-        _fsync_dir(self.path.parent)
-        if old is not None:
-            _remove(old)
 
     def abort(self) -> None:
         "Discard everything written so far; the target is left as it was. Safe to call twice."
@@ -295,6 +263,60 @@ def _writer_class(kind: str) -> type:
         from .sparse import SparseWriter
         return SparseWriter
     raise ValueError(f"kind: expected 'dense', 'ragged' or 'sparse', found {kind!r}")
+
+
+def begin_staging(target: Path, overwrite: bool) -> Tuple[int, Path]:
+    """Lock `target` and create the hidden temporary directory a new store is built in.
+
+    Returns ``(lock_fd, tmp_dir)``; close `lock_fd` to release the lock. Cleans temporaries left by
+    interrupted writers of `target` (putting back a store whose replacement was interrupted).
+    Raises ``FileNotFoundError`` (no parent directory), ``WriterConflictError`` (locked),
+    ``StoreExistsError`` (`target` exists and not `overwrite`), ``UnsafePathError`` (symlinked lock).
+    """
+    parent = target.parent
+    if not parent.is_dir():
+        raise FileNotFoundError(f"{target}: parent directory {parent} does not exist")
+    lock = _take_lock(parent / f".{target.name}.lock", target)
+    try:
+        _clean_stale(parent, target.name)   # may put back a store whose replacement was interrupted
+        if (target.exists() or target.is_symlink()) and not overwrite:
+            what = "a symlink" if target.is_symlink() else "a file or store"
+            raise StoreExistsError(f"{target}: {what} exists already; pass overwrite=True to replace it")
+        tmp = parent / f".{target.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+    except BaseException:
+        os.close(lock)
+        raise
+    return lock, tmp
+
+
+def commit_staging(tmp: Path, target: Path, overwrite: bool) -> None:
+    """Move the complete store built in `tmp` to `target` atomically (the caller holds the lock).
+
+    Replaces an existing `target` only with `overwrite` (one ``renameat2(RENAME_EXCHANGE)`` where the
+    filesystem has it, else two renames; a failed second rename puts the old store back). Raises
+    ``StoreExistsError`` if `target` appeared and not `overwrite`, ``OSError`` from the renames (the
+    target is then unchanged).
+    """
+    old = None
+    if target.exists() or target.is_symlink():
+        if not overwrite:
+            raise StoreExistsError(f"{target}: appeared while writing; not replaced (overwrite=False)")
+        if _try_exchange(tmp, target):   # one atomic step: the old store is now at tmp
+            _fsync_dir(target.parent)
+            _remove(tmp)
+            return
+        old = target.parent / f".{target.name}{OLD_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        os.rename(target, old)
+    try:
+        os.rename(tmp, target)
+    except OSError:
+        if old is not None:   # put the previous store back: the target must be unchanged
+            os.rename(old, target)
+        raise
+    _fsync_dir(target.parent)
+    if old is not None:
+        _remove(old)
 
 
 def _take_lock(lock_path: Path, target: Path) -> int:
