@@ -1,4 +1,4 @@
-"""Command line: ``fastai-memmap demo | info PATH | verify PATH | convert-images SOURCE OUT`` (also ``python -m fastai_memmap``)."""
+"""Command line: ``fastai-memmap demo | info PATH | verify PATH | convert-images SOURCE OUT | bench`` (also ``python -m fastai_memmap``)."""
 import argparse
 import json
 import sys
@@ -76,11 +76,16 @@ def build_parser() -> argparse.ArgumentParser:
     v.set_defaults(func=_cmd_verify)
     from .convert_images import add_convert_images_parser
     add_convert_images_parser(sub)
+    sub.add_parser("bench", help="loader throughput table, side by side (fastai-memmap bench --help)")
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     "Entry point of ``fastai-memmap``; returns the exit status (1 on a store error, with its message)."
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:          # the benchmark has its own parser (fastai_memmap.bench)
+        from .bench import bench_main
+        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
