@@ -1,4 +1,4 @@
-"""The batch fast path: a whole batch read with one sorted gather per shard, no per-item objects.
+"""The batch fast path: a whole batch read with one gather per shard, no per-item objects.
 
 torch's DataLoader calls ``dataset.__getitems__(indices)`` for a whole batch when the dataset
 defines it (torch >= 1.13), then ``collate_fn`` on the result. `FastLabelList` (the `LabelList`

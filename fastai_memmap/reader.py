@@ -183,7 +183,7 @@ class MemmapArray:
     def _map(self, k: int) -> np.ndarray:
         m = self._maps.get(k)
         if m is not None:
-            self._maps.move_to_end(k)
+            self._touch(k)
             self._check_mapped(k, m)
             return m
         s = self.manifest.shards[k]
@@ -198,17 +198,27 @@ class MemmapArray:
         self._maps[k] = m
         self._views[k] = m.view(np.ndarray)
         while len(self._maps) > self.max_open:
-            self._views.pop(self._maps.popitem(last=False)[0], None)
+            try:
+                self._views.pop(self._maps.popitem(last=False)[0], None)
+            except KeyError:   # emptied meanwhile by another thread (readahead): nothing left to evict
+                break
         return m
+
+    def _touch(self, k: int) -> None:
+        "Mark shard `k` most recently used; it may have been evicted by another thread (readahead) meanwhile."
+        try:
+            self._maps.move_to_end(k)
+        except KeyError:
+            pass
 
     def _view(self, k: int) -> np.ndarray:
         "Shard `k` as a plain ndarray view of its map (numpy's memmap subclass costs per indexing)."
-        v = self._views.get(k)
-        if v is None:
+        v, m = self._views.get(k), self._maps.get(k)
+        if v is None or m is None:
             m = self._map(k)
             return self._views.get(k, m)   # a shard of no bytes has no map, only an empty array
-        self._maps.move_to_end(k)
-        self._check_mapped(k, self._maps[k])
+        self._touch(k)
+        self._check_mapped(k, m)
         return v
 
     def _check_mapped(self, k: int, m: np.memmap) -> None:
@@ -289,8 +299,9 @@ class MemmapArray:
     def __getitem__(self, key: Any) -> np.ndarray:
         if isinstance(key, (int, np.integer)) and not isinstance(key, (bool, np.bool_)):
             i = self._norm_int(int(key))
-            k = int(np.searchsorted(self._starts, i, side="right") - 1)
-            return np.array(self._map(k)[i - self._starts[k]], dtype=self.dtype)  # a scalar row loses byte order
+            k = 0 if len(self._starts) == 2 else int(self._starts.searchsorted(i, side="right")) - 1
+            row = self._view(k)[i - int(self._starts[k])]   # the per-item hot path: plain ndarray view
+            return np.array(row, dtype=self.dtype)   # a copy; a scalar row loses its byte order without dtype
         if isinstance(key, slice):
             try:
                 r = range(len(self))[key]   # O(1): never materialise arange(len(self))
