@@ -474,7 +474,8 @@ def _quiet(f: Callable, *args: Any, **kwargs: Any) -> Any:
 
 
 def _cold_w1(cfg: BenchConfig, w: W1, log: Callable[[str], None]) -> List[Result]:
-    "Sequential read, then ours block-shuffled and random, each a whole first epoch from a cold cache."
+    """Sequential read, then ours block-shuffled and random, each a whole first epoch from a cold cache;
+    `cfg.repeats` rounds, interleaved; the fastest run of each is reported."""
     bs, rb = cfg.bs, cfg.dim * 4
     x_file = _single_shard(w)
     size = os.path.getsize(x_file)
@@ -485,33 +486,29 @@ def _cold_w1(cfg: BenchConfig, w: W1, log: Callable[[str], None]) -> List[Result
             buf = bytearray(SEQ_CHUNK)
             while f.readinto(buf):
                 pass
-        return []
+        return [(np.empty(size // rb),)]   # one "batch" of every row
 
-    runs = [("sequential read (os.read, 8 MiB)", sequential, 0)]
-    runs += [(f"ours batched, shuffle={s!r}, first epoch", lambda s=s: _ours_w1(w, bs, 0, shuffle=s).train_dl, full)
-             for s in ("block", "random")]
-    out = []
-    for name, make, nb in runs:
-        gc.collect()
-        evict(w.files + [w.h5])
-        before = resident_fraction(w.files)
-        b0 = read_bytes()
-        if nb:
+    seq = "sequential read (os.read, 8 MiB)"
+    cases = [(seq, sequential, 1, size // rb)]
+    cases += [(f"ours batched, shuffle={s!r}, first epoch", lambda s=s: _ours_w1(w, bs, 0, shuffle=s).train_dl,
+               full, full * bs) for s in ("block", "random")]
+    best: Dict[str, Result] = {}
+    for r in range(cfg.repeats):
+        for name, make, nb, expected in cases:
+            gc.collect()
+            evict(w.files + [w.h5])
+            before = resident_fraction(w.files)
+            b0 = read_bytes()
             rows, timed, secs = _drain(make, nb, 0)
-        else:
-            t0 = time.perf_counter()
-            make()
-            secs, rows = time.perf_counter() - t0, size // rb
-        got = read_bytes() - b0
-        rate = rows / secs if secs else 0.0
-        res = Result("W1", "cold", name, "0", rows, rows if not nb else nb * bs, secs, rate, rate * rb / 1e9,
-                     ref="sequential read (os.read, 8 MiB)|0", bytes_read=got, file_bytes=size,
-                     resident_before=round(before, 4), runs=[round(rate, 1)])
-        if not nb:
-            res.gbps = size / secs / 1e9
-        log(f"  W1 cold {name}: {res.gbps:.2f} GB/s, {got / size:.2f} x file read, {before:.1%} resident before")
-        out.append(res)
-    return out
+            got = read_bytes() - b0
+            res = Result("W1", "cold", name, "0", rows, expected, secs, rows / secs, size / secs / 1e9,
+                         ref=f"{seq}|0", bytes_read=got, file_bytes=size, resident_before=round(before, 4))
+            log(f"  W1 cold {name}: {res.gbps:.2f} GB/s, {got / size:.2f} x file read, {before:.1%} resident before")
+            runs = best[name].runs if name in best else []
+            if name not in best or res.rate > best[name].rate:
+                best[name] = res
+            best[name].runs = runs + [round(res.rate, 1)]
+    return [best[name] for name, *_ in cases]
 
 
 # ------------------------------------------------------------------------------------------ W2
