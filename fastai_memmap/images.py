@@ -41,17 +41,21 @@ def image_layout(item_shape: Tuple[int, ...], meta: Optional[dict] = None) -> st
     return layout
 
 
-def rows_to_nchw(rows: np.ndarray, layout: str, convert_mode: str = "RGB") -> torch.Tensor:
+def rows_to_nchw(rows: np.ndarray, layout: str, convert_mode: str = "RGB", contiguous: bool = True) -> torch.Tensor:
     """Convert a batch of stored image rows ``(n, *item_shape)`` to a float32 NCHW tensor in [0, 1].
 
     Returns a new tensor (never a view of `rows`). uint8 rows are divided by 255, float rows are
     taken as they are. ``convert_mode`` follows PIL as `open_image` does: ``'RGB'`` repeats a single
     channel three times (and drops alpha), ``'L'`` averages RGB to one channel with ITU-R 601-2
-    luma weights; other modes keep the stored channels.
+    luma weights; other modes keep the stored channels. With `contiguous` (the default, what
+    stacking items gives) the result is C-contiguous; without, it keeps the stored memory order
+    (a cheaper copy; fastai's ``pil2tensor`` does the same for decoded images).
     """
     a = np.asarray(rows)
     a = a[:, None] if layout == "HW" else (a.transpose(0, 3, 1, 2) if layout == "HWC" else a)
-    t = torch.from_numpy(np.array(a, dtype=np.float32, order="C"))   # contiguous NCHW, as stacking items gives
+    # contiguous NCHW for batches, as stacking items gives; items keep the stored memory order (a faster
+    # copy), as fastai's pil2tensor does
+    t = torch.from_numpy(np.array(a, dtype=np.float32, order="C" if contiguous else "K"))
     if a.dtype == np.uint8:
         t.div_(255.)
     if convert_mode == "RGB" and t.shape[1] == 1:
@@ -84,7 +88,7 @@ def rows_to_nchw_uint8(rows: np.ndarray, layout: str, convert_mode: str = "RGB")
 
 def row_to_chw(row: np.ndarray, layout: str, convert_mode: str = "RGB") -> torch.Tensor:
     "One stored image row to a float32 CHW tensor in [0, 1] (a copy); see `rows_to_nchw`."
-    return rows_to_nchw(np.asarray(row)[None], layout, convert_mode)[0]
+    return rows_to_nchw(np.asarray(row)[None], layout, convert_mode, contiguous=False)[0]
 
 
 class MemmapImageProcessor(MemmapProcessor):
