@@ -13,17 +13,23 @@ from .items import MemmapItemList, MemmapProcessor
 from .reader import MemmapArray
 
 __all__ = ["MemmapLabelList", "MemmapCategoryList", "MemmapFloatList", "MemmapCategoryProcessor",
-           "label_cls_for", "CODE_CHUNK_ROWS"]
+           "label_cls_for", "read_scalars", "CODE_CHUNK_ROWS"]
 
 CODE_CHUNK_ROWS = 1 << 20   # label rows checked per vectorised read (8 MiB of int64 codes)
 
 
-def _codes(store: MemmapArray, rows: np.ndarray) -> np.ndarray:
-    "Class codes of `rows` as one int64 array, read in chunks of `CODE_CHUNK_ROWS` (a copy)."
-    out = np.empty(len(rows), np.int64)
+def read_scalars(store: MemmapArray, rows: np.ndarray, dtype: Any = None) -> np.ndarray:
+    """Rows `rows` of a store of one value per row as one flat array of `dtype` (default the store's),
+    read in vectorised chunks of `CODE_CHUNK_ROWS` rows (a copy)."""
+    out = np.empty(len(rows), store.dtype if dtype is None else dtype)
     for a in range(0, len(rows), CODE_CHUNK_ROWS):
         out[a:a + CODE_CHUNK_ROWS] = store.read(rows[a:a + CODE_CHUNK_ROWS]).reshape(-1)
     return out
+
+
+def _codes(store: MemmapArray, rows: np.ndarray) -> np.ndarray:
+    "Class codes of `rows` as one int64 array (a copy)."
+    return read_scalars(store, rows, np.int64)
 
 
 def _check_code_store(store: MemmapArray) -> None:

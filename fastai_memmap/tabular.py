@@ -29,7 +29,7 @@ from fastai.tabular.data import TabularDataBunch, TabularLine, def_emb_sz  # noq
 
 from .errors import FormatError, ItemShapeError, MemmapError  # noqa: E402
 from .items import RowIndex, open_store  # noqa: E402
-from .labels import MemmapCategoryList, MemmapFloatList, label_cls_for  # noqa: E402
+from .labels import MemmapCategoryList, MemmapFloatList, label_cls_for, read_scalars  # noqa: E402
 from .reader import MemmapArray  # noqa: E402
 from .records import (ColumnNotFoundError, ColumnTypeError, ColumnValueError, TabularError,  # noqa: E402,F401
                       TabularState, cat_maps, encode_frame, read_tabular_json, tabular_to_memmap, EPS)
@@ -38,7 +38,6 @@ __all__ = ["MemmapTabularList", "MemmapTabularProcessor", "MemmapTabularLabelLis
            "tabular_to_memmap", "TabularState", "TabularError", "ColumnNotFoundError", "ColumnTypeError",
            "ColumnValueError"]
 
-READ_ROWS = 1 << 20   # rows per vectorised read when scanning a whole label column (8 MiB of int64)
 
 
 class TabularStore:
@@ -89,14 +88,6 @@ def _open_sub(path: Path, name: str, rows: Optional[int], dtype: Any, shape: Opt
                           f"{shape if shape is not None else '(any shape)'} {np.dtype(dtype).name} as in "
                           f"{path / 'tabular.json'}, found {len(a)} rows of {a.item_shape} {a.dtype.name}")
     return a
-
-
-def _read_all(store: MemmapArray, rows: np.ndarray) -> np.ndarray:
-    "Rows `rows` of a scalar store as one array, read `READ_ROWS` at a time (a copy)."
-    out = np.empty(len(rows), store.dtype)
-    for a in range(0, len(rows), READ_ROWS):
-        out[a:a + READ_ROWS] = store.read(rows[a:a + READ_ROWS]).reshape(-1)
-    return out
 
 
 _SCALARS = (type(None), str, bool, int, float, np.generic)
@@ -332,7 +323,7 @@ class MemmapTabularLabelList(LabelList):
         "Launch the processing on `self.x` and `self.y` with `xp` and `yp`."
         y = self.y
         if isinstance(y, MemmapCategoryList) and y.store is not None and len(y.items):
-            bad = _read_all(y.store, np.asarray(y.items)) < 0
+            bad = read_scalars(y.store, np.asarray(y.items)) < 0
             if bad.any():
                 self.warn = (f"You are labelling your items with {type(y).__name__}.\nYour {name} set contained "
                              f"{int(bad.sum())} rows whose label is missing or not a training class; they have been discarded.")
