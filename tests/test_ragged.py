@@ -27,13 +27,6 @@ from fastai_memmap.ragged import RaggedArray, RaggedWriter, check_offsets, ragge
 from fastai_memmap.ragged_items import RaggedItem, RaggedItemList
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    "Tiny models: one thread (two threads on a loaded 2-core machine spin-wait ~30x slower)."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 DTYPES = ["?", "i1", "i4", "u2", "i8", "f2", "f4", "f8", "c8", ">f4", ">i2"]
 trailing_shapes = st.lists(st.integers(0, 3), min_size=0, max_size=2).map(tuple)

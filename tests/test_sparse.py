@@ -23,13 +23,6 @@ from fastai_memmap.sparse import SparseArray, SparseWriter, csr_to_dense
 from fastai_memmap.sparse_items import SparseItem, SparseItemList, SparseLinear, sparse_batch
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    "Tiny models: one thread (two threads on a loaded 2-core machine spin-wait ~30x slower)."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def random_csr(rows, size, density, seed, dtype=np.float32, zero_rows=0.3):

@@ -16,13 +16,6 @@ from fastai_memmap.text import LMStream, MemmapLMDataBunch, import_fastai_text, 
 V = 40
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    "Tiny models: one thread (two threads on a loaded 2-core machine spin-wait ~30x slower)."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture

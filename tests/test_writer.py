@@ -23,17 +23,7 @@ from fastai_memmap.format import ARRAY_ALIGN, MANIFEST_NAME
 from fastai_memmap import writer as writer_module
 from fastai_memmap.writer import OLD_MARK, TMP_MARK
 
-DTYPES = ["?", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "f2", "f4", "f8", "c8", ">f4"]
-item_shapes = st.lists(st.integers(0, 3), min_size=0, max_size=3).map(tuple)
-
-
-def make_data(dtype, shape, seed):
-    "Random bytes of `dtype` (NaNs and all; booleans 0/1), shape `shape`."
-    rng, dt = np.random.default_rng(seed), np.dtype(dtype)
-    if dt.kind == "b":
-        return rng.integers(0, 2, shape).astype(dt)
-    raw = rng.integers(0, 256, int(np.prod(shape)) * dt.itemsize, dtype=np.uint8)
-    return raw.view(dt).reshape(shape)
+from store_data import DTYPES, item_shapes, make_data
 
 
 def leftovers(parent):
