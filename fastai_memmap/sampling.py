@@ -36,12 +36,13 @@ import torch
 from torch.utils.data import Sampler
 
 __all__ = ["BlockShuffleSampler", "BlockShuffle", "StoreReadahead", "block_shuffle_order", "use_sampler",
-           "shuffle_option", "DEFAULT_BLOCK_BYTES", "DEFAULT_WINDOW_BLOCKS", "READAHEAD_WINDOWS"]
+           "shuffle_option", "DEFAULT_BLOCK_BYTES", "DEFAULT_WINDOW_BLOCKS", "READAHEAD_WINDOWS",
+           "WINDOW_TIMEOUT"]
 
 DEFAULT_BLOCK_BYTES = 16 << 20  # bytes of contiguous rows per block: sequential reads at disk speed (4 MiB: ~20% slower)
 DEFAULT_WINDOW_BLOCKS = 8       # blocks whose rows are mixed together; 8 x 16 MiB stays small next to RAM
 READAHEAD_WINDOWS = 2           # windows asked for ahead of the one being read: keeps the disk queue busy
-CLOSE_TIMEOUT = 30.0            # seconds an epoch's end waits for the readahead thread (one window's read)
+WINDOW_TIMEOUT = 60.0           # seconds the reader waits for a window's readahead before reading it itself
 MAX_WINDOW_LOOP = 4096          # up to this many windows, each is permuted on its own (faster than one argsort)
 
 
@@ -143,37 +144,50 @@ def _plan(n, block_rows, window_blocks, seed, epoch, num_replicas, rank, keys, b
 
 
 class _Readahead:
-    """Runs `prefetch` on the windows asked for, in order, in a daemon thread; `close` stops it.
+    """Runs `prefetch` on the windows asked for, in order, in a daemon thread.
 
-    The thread can be at most `READAHEAD_WINDOWS` windows ahead of the reader (the sampler asks
-    that far ahead). A failure warns once and ends readahead for the epoch.
+    `ask` returns an event set once the window is read (or readahead gave up), so the reader can
+    wait for it instead of faulting the same pages in concurrently (two competing streams of reads
+    on one disk). A failure warns once; later windows are then released at once, unread.
     """
 
     def __init__(self, prefetch: Any):
         self.prefetch = prefetch
         self.q: "queue.Queue" = queue.Queue()
         self.stopped = threading.Event()
+        self.dead = False
         self.thread = threading.Thread(target=self._run, name="fastai_memmap-readahead", daemon=True)
         self.thread.start()
 
-    def ask(self, positions: np.ndarray) -> None:
-        self.q.put(positions)
+    def ask(self, positions: np.ndarray) -> threading.Event:
+        "Queue the window of `positions`; the event is set once it is read."
+        done = threading.Event()
+        if self.dead:
+            done.set()
+        else:
+            self.q.put((positions, done))
+        return done
 
     def close(self) -> None:
-        "Stop after the window in progress (at most one window's read) and wait for the thread."
+        "Stop after the window in progress; the thread ends on its own (an abandoned epoch does not wait)."
         self.stopped.set()
         self.q.put(None)
-        self.thread.join(CLOSE_TIMEOUT)
 
     def _run(self) -> None:
-        try:
-            while True:
-                positions = self.q.get()
-                if positions is None or self.stopped.is_set():
-                    return
-                self.prefetch(positions)
-        except Exception as e:   # a hint that fails must not stop training
-            warnings.warn(f"BlockShuffleSampler: readahead failed ({type(e).__name__}: {e}); continuing without it")
+        while True:
+            item = self.q.get()
+            if item is None or self.stopped.is_set():
+                return
+            positions, done = item
+            try:
+                if not self.dead:
+                    self.prefetch(positions)
+            except Exception as e:   # a hint that fails must not stop training
+                self.dead = True
+                warnings.warn(f"BlockShuffleSampler: readahead failed ({type(e).__name__}: {e}); "
+                              "continuing without it")
+            finally:
+                done.set()
 
 
 class BlockShuffleSampler(Sampler):
@@ -198,8 +212,9 @@ class BlockShuffleSampler(Sampler):
     prefetch : callable, optional
         Readahead (e.g. a `StoreReadahead`), called in a background thread (started with each
         epoch, stopped at its end) with the positions of each upcoming window (int64 array, any
-        order), in order, at most `READAHEAD_WINDOWS` windows ahead of the reader. A failure
-        warns once and ends readahead for the epoch.
+        order), in order, at most `READAHEAD_WINDOWS` windows ahead of the reader; the sampler
+        yields a window once its readahead returned (at most `WINDOW_TIMEOUT` seconds later). A
+        failure warns once and ends readahead for the epoch.
     epoch : int
         First epoch. Each ``iter()`` uses the current epoch and then advances it, so successive
         epochs differ without a ``set_epoch`` call; `set_epoch` pins it explicitly.
@@ -250,11 +265,11 @@ class BlockShuffleSampler(Sampler):
         parts = np.split(order, cuts) if len(order) else []
         ahead = _Readahead(self.prefetch)
         try:
-            for w in range(min(READAHEAD_WINDOWS, len(parts))):
-                ahead.ask(parts[w])
+            ready = [ahead.ask(parts[w]) for w in range(min(READAHEAD_WINDOWS, len(parts)))]
             for w, part in enumerate(parts):
                 if w + READAHEAD_WINDOWS < len(parts):
-                    ahead.ask(parts[w + READAHEAD_WINDOWS])
+                    ready.append(ahead.ask(parts[w + READAHEAD_WINDOWS]))
+                ready[w].wait(WINDOW_TIMEOUT)   # read by the thread: no competing page faults on the disk
                 yield from part.tolist()
         finally:
             ahead.close()
