@@ -154,8 +154,9 @@ def check_dtype(dtype: Any, what: str = "dtype") -> np.dtype:
     """
     try:
         dt = np.dtype(dtype)
-    except TypeError as e:
-        raise UnsupportedDtypeError(f"{what}: expected a numeric numpy dtype, found {dtype!r} ({e})") from None
+    except (TypeError, ValueError, SyntaxError) as e:   # numpy parses some strings as comma formats
+        raise UnsupportedDtypeError(f"{what}: expected a numeric numpy dtype, found {dtype!r:.100} "
+                                    f"({type(e).__name__}: {e})") from None
     if dt.kind not in "biufc" or dt.fields is not None or dt.subdtype is not None:
         raise UnsupportedDtypeError(
             f"{what}: expected a numeric dtype (bool, int, uint, float, complex), found {dt!r}; "

@@ -975,3 +975,12 @@ def test_stale_cleanup_only_touches_its_own_target(tmp_path):
         warnings.simplefilter("error")            # nothing of ours to clean: no warning
         save_memmap(tmp_path / "data[1]", np.zeros((2, 2)))
     assert other.exists()
+
+
+@pytest.mark.parametrize("dtype", ["0:", "01", "0:f4,", "(2,)f4,i8", "f4,f4", "S3", "U2", "M8[s]", "O", "V8"])
+def test_unparsable_or_non_numeric_dtype_strings_refused(dtype):
+    "Strings numpy parses as comma formats raised ValueError/SyntaxError before (found by fuzzing)."
+    from fastai_memmap.errors import UnsupportedDtypeError
+    from fastai_memmap.format import check_dtype
+    with pytest.raises(UnsupportedDtypeError, match="expected a numeric"):
+        check_dtype(dtype)
