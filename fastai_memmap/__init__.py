@@ -27,3 +27,6 @@ from .ragged_items import RaggedItemList, RaggedItem
 from .sparse_items import SparseItemList, SparseItem, SparseLinear, sparse_batch
 from .text import MemmapLMDataBunch, LMStream, import_fastai_text
 from .distributed import to_memmap_distributed, MemmapDistributedTrainer
+from .sampling import BlockShuffle, BlockShuffleSampler
+from .device import to_float, to_float_tfm, with_to_float, insert_to_float, PrefetchDataLoader
+from .batching import WorkersSlowerWarning
