@@ -3,7 +3,8 @@
     python benchmarks/bench_inmemory.py [--n 20000] [--side 64] [--batches 100] [--workers 2] [--quick]
 
 Writes `n` random side x side RGB PNGs in 10 class folders of a temporary directory, then for each
-source, without and with ``get_transforms()`` (train transforms, ``size=side``), times ``--batches``
+source, without and with ``get_transforms()`` (train transforms, ``size=side``; without: also
+ImageListInMemory with ``num_workers='auto'`` on the batch fast path, float32 and ``uint8=True``), times ``--batches``
 batches of ``--bs`` through ``DataBunch.train_dl`` (the fastai path: LabelList, transforms, collate,
 DeviceDataLoader) after a warm-up batch (worker start-up excluded), and prints samples/s with ratios.
 Then times spawn start-up (first batch) with 1/10 of the images and with all of them. Also prints
@@ -155,6 +156,12 @@ def _bench(a, root: Path) -> int:
         for name, lst in (("ImageList (PNG)", disk), ("ImageListInMemory", ram)):
             data = lst.transform(tfms, size=a.side).databunch(**dl_kw) if tfms else lst.transform(None).databunch(**dl_kw)
             results[(name, tname)] = run(data.train_dl, a.batches)
+        if not tfms:   # the batch fast path (one gather per batch), float32 and uint8, workers 'auto'
+            for name, u8 in (("InMemory batched", False), ("InMemory uint8", True)):
+                lst = (ImageListInMemory.from_folder(root, uint8=u8, pixels=buf).split_by_rand_pct(0.1, seed=0)
+                       .label_from_folder())   # the same buffer: nothing decoded again
+                data = lst.databunch(**{**dl_kw, "num_workers": "auto"})
+                results[(name, tname)] = run(data.train_dl, a.batches)
         ds = TensorImages(pixels, labels, tfms[0] if tfms else None, a.side)
         data = DataBunch.create(ds, TensorImages(pixels[:a.bs], labels[:a.bs]), **dl_kw)
         results[("uint8 tensor", tname)] = run(data.train_dl, a.batches)

@@ -60,8 +60,9 @@ def _batch_reader(il: Any) -> Optional[Callable[[np.ndarray], torch.Tensor]]:
 def batch_of(il: Any, idxs: np.ndarray) -> Optional[torch.Tensor]:
     """Collated tensor of items `idxs` (positions in `il`) if `il` supports batch reads, else None.
 
-    Item lists of this package define ``get_batch``; fastai's processed `CategoryList` (int codes)
-    and `FloatList` (float32 array) are read straight from their ``items``.
+    Item lists of this package define ``get_batch`` (which may return None for a batch it cannot
+    read whole: `FastLabelList` then falls back to items); fastai's processed `CategoryList` (int
+    codes) and `FloatList` (float32 array) are read straight from their ``items``.
     """
     read = _batch_reader(il)
     return None if read is None else read(idxs)
@@ -86,7 +87,10 @@ class FastLabelList(LabelList):
             readx, ready = _batch_reader(self.x), _batch_reader(self.y)
             if readx is not None and ready is not None:
                 idxs = np.asarray(indices, dtype=np.int64)
-                return Collated([readx(idxs), ready(idxs)])
+                x = readx(idxs)   # None: this batch cannot be read whole (e.g. not all in RAM): per item
+                y = None if x is None else ready(idxs)
+                if y is not None:
+                    return Collated([x, y])
         return [self[int(i)] for i in indices]
 
 

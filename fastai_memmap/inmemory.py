@@ -21,6 +21,12 @@ division). Two deliberate differences: ``size=`` resizes at load time (so items 
 disk, by design), and ``after_open`` runs once at load time (a random ``after_open`` is drawn once;
 put random augmentation in ``transform``). If ``convert_mode`` or ``after_open`` of a list change
 after loading, its items are read from disk again (with a warning).
+
+Batches: without ``tfms``, a batch whose images are all in RAM and of one shape is copied out of the
+buffer with one gather (``get_batch``, the `fastai_memmap.batching` fast path), equal bit for bit to
+the per-item batch; other batches are built item by item. With ``uint8=True``
+(``ImageListInMemory.from_folder(path, uint8=True)``) such batches travel as uint8 NCHW and become
+float32 on the device (`fastai_memmap.device.to_float_tfm`, placed before ``normalize``).
 """
 import os
 import warnings
@@ -30,12 +36,14 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 import numpy as np
 import psutil
 import PIL.Image
+import torch
 from fastai.basic_data import DataBunch
 from fastai.data_block import ItemList, ItemLists, LabelList, LabelLists
-from fastai.vision.data import ImageDataBunch, ImageList, SegmentationLabelList
+from fastai.vision.data import ImageList, SegmentationLabelList
 from fastai.vision.image import Image, ImageSegment, pil2tensor
 
 from . import compat as _compat
+from .batching import FastLabelList, MemmapImageDataBunch
 _compat.apply()   # idempotent: fastai 1.0.61 fixes (load_learner, DataLoader kwargs, get_transforms); also in spawn workers
 
 from .convert_images import (IMAGE_STORE_TAG, DecodeSpec, ImageReadError, SizeArg, check_meta_size, chunk_bounds,
@@ -232,16 +240,43 @@ class _InMemoryMixin:
         k = buf.slot(fn)
         return None if k < 0 else buf.image(k)
 
+    def _slots(self, buf: PixelBuffer) -> np.ndarray:
+        "Slot in `buf` of every item (-1: not in RAM), looked up once per list and process."
+        cache = self._slot_cache
+        if cache is None or cache[0] is not self.items or cache[1] is not buf:
+            cache = self._slot_cache = (self.items, buf, buf.slots(self.items))
+        return cache[2]
+
     def _pixels_at(self, i: int) -> Optional[np.ndarray]:
         "Pixels of item `i` (a view of the buffer) or None; slots of all items are looked up once per list."
         buf = self._buffer()
         if buf is None:
             return None
-        cache = self._slot_cache
-        if cache is None or cache[0] is not self.items or cache[1] is not buf:
-            cache = self._slot_cache = (self.items, buf, buf.slots(self.items))
-        k = int(cache[2][i])
+        k = int(self._slots(buf)[i])
         return None if k < 0 else buf.image(k)
+
+    def _batch_pixels(self, idxs: np.ndarray) -> Optional[np.ndarray]:
+        """Pixels of items `idxs` as one new uint8 array ``(n, H, W, C)``, copied out of the buffer with
+        one gather; None unless every item is in RAM and all have the same shape."""
+        buf = self._buffer()
+        idxs = np.asarray(idxs, np.int64)
+        if buf is None or not len(idxs):
+            return None
+        slots = self._slots(buf)[idxs]
+        if (slots < 0).any():
+            return None
+        shapes = buf.shapes[slots]
+        if (shapes != shapes[0]).any():
+            return None
+        h, w, c = (int(v) for v in shapes[0])
+        size = h * w * c
+        if size == 0:
+            return None
+        # every byte offset as the start of a row of `size` bytes (a view, no copy): one fancy-index gather
+        rows = np.lib.stride_tricks.as_strided(buf.pixels, (buf.nbytes - size + 1, size), (1, 1), writeable=False)
+        out = rows[buf.offsets[slots]].reshape(len(slots), h, w, c)
+        self.sizes.update(dict.fromkeys(idxs.tolist(), torch.Size((h, w))))   # as `get` records them
+        return out
 
     def get(self, i: int) -> Any:
         "Item `i` from RAM if loaded, else from its file."
@@ -301,9 +336,27 @@ class ImageListInMemory(_InMemoryMixin, ImageList):
         Decoded pixels to read from (set by `load_data`; carried to sub-lists).
     """
 
+    def __init__(self, items: Any, pixels: Optional[PixelBuffer] = None, uint8: bool = False, **kwargs):
+        super().__init__(items, pixels=pixels, **kwargs)
+        self.uint8 = bool(uint8)
+        self.copy_new.append("uint8")
+
     def _from_pixels(self, a: np.ndarray) -> Image:
         "`Image` of uint8 pixels `a` (H, W, C), exactly as `open_image` builds it (a new float32 tensor)."
         return Image(pil2tensor(a, np.float32).div_(255))
+
+    def get_batch(self, idxs: np.ndarray) -> Optional[torch.Tensor]:
+        """Images of positions `idxs` as one NCHW tensor (batch fast path), or None (read item by item).
+
+        float32, equal bit for bit to stacking ``get(i).data``; with ``uint8=True`` the uint8 pixels (an
+        NCHW view of the gathered ``(n, H, W, C)`` copy) that `to_float_tfm` turns into exactly that.
+        None unless every image is in RAM and all have the same shape.
+        """
+        a = self._batch_pixels(idxs)
+        if a is None:
+            return None
+        t = torch.from_numpy(a).permute(0, 3, 1, 2)
+        return t if self.uint8 else t.contiguous().to(torch.float32).div_(255.)
 
 
 class SegmentationLabelListInMemory(_InMemoryMixin, SegmentationLabelList):
@@ -318,6 +371,11 @@ class SegmentationLabelListInMemory(_InMemoryMixin, SegmentationLabelList):
         "`ImageSegment` of uint8 codes `a` (H, W, 1), exactly as `open_mask` builds it (float32 codes, a new tensor)."
         return ImageSegment(pil2tensor(a, np.float32))
 
+    def get_batch(self, idxs: np.ndarray) -> Optional[torch.Tensor]:
+        "Masks of positions `idxs` as int64 ``(n, 1, H, W)`` (as collating ``ImageSegment.data``), or None."
+        a = self._batch_pixels(idxs)
+        return None if a is None else torch.from_numpy(a).permute(0, 3, 1, 2).contiguous().long()
+
 
 class SegmentationItemListInMemory(ImageListInMemory):
     "`ImageListInMemory` for segmentation: labels are `SegmentationLabelListInMemory` masks."
@@ -325,8 +383,12 @@ class SegmentationItemListInMemory(ImageListInMemory):
 
 
 # ------------------------------------------------------------------------------------------- containers
-class LabelListInMemory(LabelList):
-    "`LabelList` of in-RAM lists: `load_data` loads its x (and masks in y), `purge` frees them."
+class LabelListInMemory(FastLabelList):
+    """`LabelList` of in-RAM lists: `load_data` loads its x (and masks in y), `purge` frees them.
+
+    A `FastLabelList`: without tfms, a batch of images all in RAM and of one shape is copied out of
+    the buffer at once (``get_batch``); any other batch is built item by item, with identical values.
+    """
 
     def load_data(self, **kwargs: Any) -> "LabelListInMemory":
         "Decode the images (and masks) of this dataset into RAM; parameters as `preload`."
@@ -367,8 +429,12 @@ class LabelListsInMemory(_SplitMixin, LabelLists):
     "`LabelLists` (train, valid, test) of in-RAM lists, with `load_data`/`purge`."
 
 
-class ImageDataBunchInMemory(ImageDataBunch):
-    "`ImageDataBunch` whose `load_data` decodes train, valid and test (images and masks) into RAM."
+class ImageDataBunchInMemory(MemmapImageDataBunch):
+    """`ImageDataBunch` whose `load_data` decodes train, valid and test (images and masks) into RAM.
+
+    Created as `MemmapImageDataBunch` is: `memmap_collate` (the batch fast path), ``num_workers='auto'``,
+    and with ``uint8=True`` lists `to_float_tfm` first in ``dl_tfms``.
+    """
 
     def load_data(self, **kwargs: Any) -> "ImageDataBunchInMemory":
         "Decode the images (and masks) of every dataset into RAM; parameters as `preload`."
