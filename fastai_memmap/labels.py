@@ -90,6 +90,7 @@ class MemmapCategoryList(MemmapLabelList):
 
     @property
     def c(self) -> int:
+        "Number of classes (the model's output size)."
         return len(self.classes)
 
     def get(self, i: int) -> Category:
@@ -124,6 +125,7 @@ class MemmapFloatList(MemmapLabelList):
 
     @property
     def c(self) -> int:
+        "Values per target, ``prod(item_shape)`` (1 for scalars): the model's output size."
         shape = self.store.item_shape if self.store is not None else self.processor[0].item_shape
         return int(np.prod(shape)) if shape else 1
 

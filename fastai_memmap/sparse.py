@@ -168,6 +168,7 @@ class SparseArray:
 
     @property
     def ndim(self) -> int:
+        "Always 2: ``(rows, size)``."
         return 2
 
     @property

@@ -108,6 +108,7 @@ class SparseLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features).uniform_(-bound, bound)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        "``x @ weight.T + bias`` for a dense, sparse CSR or sparse COO batch ``(bs, in_features)``."
         if x.layout == torch.sparse_coo:
             x = x.to_sparse_csr()
         if x.layout == torch.sparse_csr:
