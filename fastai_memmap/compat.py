@@ -69,7 +69,7 @@ import numpy as np
 import torch
 import torch.utils.data
 
-from .errors import FastaiCompatError, MemmapError
+from .errors import FastaiCompatError
 
 __all__ = ["apply", "applied", "PATCHES", "Patch", "LOAD_LEARNER_SECURITY_NOTE", "FastaiCompatError",
            "solve_legacy"]

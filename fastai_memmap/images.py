@@ -8,7 +8,7 @@ from typing import Any, List, Optional, Tuple
 
 import numpy as np
 import torch
-from fastai.vision.data import ImageList, ImageDataBunch
+from fastai.vision.data import ImageList
 from fastai.vision.image import Image, ImageSegment
 from fastai.layers import CrossEntropyFlat
 
