@@ -13,3 +13,22 @@ def make_data(dtype, shape, seed):
         return rng.integers(0, 2, shape).astype(dt)
     raw = rng.integers(0, 256, int(np.prod(shape)) * dt.itemsize, dtype=np.uint8)
     return raw.view(dt).reshape(shape)
+
+
+def assert_store_refused(tmp_path, mutate, error, builtin, named, pattern):
+    """Write a valid 2-shard store, apply `mutate`, and check that opening raises `error`, which is
+    also a `builtin` and a MemmapError, names the file `named` and (if `pattern`) says expected/found."""
+    import pytest
+    from fastai_memmap import MemmapArray, save_memmap
+    from fastai_memmap.errors import MemmapError
+    store = save_memmap(tmp_path / "store", np.arange(30, dtype="<f4").reshape(10, 3), shard_rows=5)
+    MemmapArray.open(store)                      # valid before the mutation
+    mutate(store)
+    with pytest.raises(error) as ei:
+        MemmapArray.open(store)
+    e = ei.value
+    assert isinstance(e, builtin) and isinstance(e, MemmapError)
+    msg = str(e)
+    assert str(store / named) in msg, msg        # names the file
+    if pattern:
+        assert "expected" in msg and "found" in msg, msg

@@ -8,10 +8,11 @@ import struct
 
 import numpy as np
 import pytest
+from store_data import assert_store_refused
 from hypothesis import given, settings, strategies as st
 
 from fastai_memmap import MemmapArray, save_memmap
-from fastai_memmap.errors import (FormatError, MemmapError, ShardMismatchError, StoreNotFoundError,
+from fastai_memmap.errors import (FormatError, ShardMismatchError, StoreNotFoundError,
                                   TruncatedStoreError, UnsafePathError, UnsupportedDtypeError)
 from fastai_memmap.format import (ARRAY_ALIGN, FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, Manifest, ShardInfo,
                                   check_dtype, confined_path, describe, npy_header_bytes, read_npy_header,
@@ -269,17 +270,7 @@ MALFORMED = [
 @pytest.mark.parametrize("mutate,error,builtin,named,pattern", [c[1:] for c in MALFORMED],
                          ids=[c[0] for c in MALFORMED])
 def test_malformed_store_refused(tmp_path, mutate, error, builtin, named, pattern):
-    store = save_memmap(tmp_path / "store", np.arange(30, dtype="<f4").reshape(10, 3), shard_rows=5)
-    MemmapArray.open(store)                      # valid before the mutation
-    mutate(store)
-    with pytest.raises(error) as ei:
-        MemmapArray.open(store)
-    e = ei.value
-    assert isinstance(e, builtin) and isinstance(e, MemmapError)
-    msg = str(e)
-    assert str(store / named) in msg, msg        # names the file
-    if pattern:
-        assert "expected" in msg and "found" in msg, msg
+    assert_store_refused(tmp_path, mutate, error, builtin, named, pattern)
 
 
 def test_missing_store_path(tmp_path):

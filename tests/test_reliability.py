@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from store_data import assert_store_refused
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from fastai_memmap import MemmapArray, MemmapWriter, save_memmap
@@ -261,17 +262,7 @@ HOSTILE = [
 @pytest.mark.parametrize("mutate,error,builtin,named,pattern", [c[1:] for c in HOSTILE],
                          ids=[c[0] for c in HOSTILE])
 def test_hostile_store_refused(tmp_path, mutate, error, builtin, named, pattern):
-    store = save_memmap(tmp_path / "store", np.arange(30, dtype="<f4").reshape(10, 3), shard_rows=5)
-    MemmapArray.open(store)                      # valid before the mutation
-    mutate(store)
-    with pytest.raises(error) as ei:
-        MemmapArray.open(store)
-    e = ei.value
-    assert isinstance(e, builtin) and isinstance(e, MemmapError)
-    msg = str(e)
-    assert str(store / named) in msg, msg        # names the file
-    if pattern:
-        assert "expected" in msg and "found" in msg, msg
+    assert_store_refused(tmp_path, mutate, error, builtin, named, pattern)
     assert not (tmp_path / "PWNED").exists()     # nothing was unpickled
 
 
