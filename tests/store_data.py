@@ -32,3 +32,17 @@ def assert_store_refused(tmp_path, mutate, error, builtin, named, pattern):
     assert str(store / named) in msg, msg        # names the file
     if pattern:
         assert "expected" in msg and "found" in msg, msg
+
+
+def write_png_folder(root, n_per_class, classes, sizes, modes=("RGB", "L", "RGBA", "P"), seed=0):
+    """PNG files ``root/<class>/<i>.png``: random RGB pixels of the given (h, w) sizes, saved in the
+    given file modes, cycling through both; returns `root`."""
+    import PIL.Image
+    rng = np.random.default_rng(seed)
+    for c in classes:
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(n_per_class):
+            h, w = sizes[i % len(sizes)]
+            a = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+            PIL.Image.fromarray(a).convert(modes[i % len(modes)]).save(root / c / f"{i:03d}.png")
+    return root

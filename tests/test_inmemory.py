@@ -11,6 +11,7 @@ import pandas as pd
 import PIL.Image
 import psutil
 import pytest
+from store_data import write_png_folder
 import torch
 from hypothesis import given, settings, strategies as st, HealthCheck
 
@@ -33,14 +34,7 @@ CLASSES = ["cat", "dog", "eel"]
 
 def _write_folder(root: Path, n_per_class: int, seed: int = 0, sizes=((12, 20), (16, 16), (9, 31), (24, 14))):
     "PNG files root/<class>/<i>.png of several sizes and file modes (RGB, L, RGBA, P)."
-    rng = np.random.default_rng(seed)
-    for c in CLASSES:
-        (root / c).mkdir(parents=True, exist_ok=True)
-        for i in range(n_per_class):
-            h, w = sizes[i % len(sizes)]
-            a = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-            PIL.Image.fromarray(a).convert(MODES[i % len(MODES)]).save(root / c / f"{i:03d}.png")
-    return root
+    return write_png_folder(root, n_per_class, CLASSES, sizes, MODES, seed)
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ import warnings
 import numpy as np
 import PIL.Image
 import pytest
+from store_data import write_png_folder
 import torch
 
 import fastai_memmap  # noqa: F401  (applies the fastai compat fixes)
@@ -17,14 +18,7 @@ CLASSES = ["cat", "dog"]
 
 
 def _write(root, n, sizes, modes=("RGB", "L", "RGBA", "P"), seed=0):
-    rng = np.random.default_rng(seed)
-    for c in CLASSES:
-        (root / c).mkdir(parents=True, exist_ok=True)
-        for i in range(n):
-            h, w = sizes[i % len(sizes)]
-            a = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-            PIL.Image.fromarray(a).convert(modes[i % len(modes)]).save(root / c / f"{i:03d}.png")
-    return root
+    return write_png_folder(root, n, CLASSES, sizes, modes, seed)
 
 
 @pytest.fixture(scope="module")
