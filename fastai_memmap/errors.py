@@ -18,6 +18,8 @@ __all__ = [
     "ItemShapeError", "StoreWriteError", "StoreChangedError", "MemoryBudgetError", "LabelError",
     "FastaiCompatError", "OffsetsError", "SparseIndexError", "TokenIdError", "ImageReadError", "SharedMemoryError",
     "TabularError", "ColumnNotFoundError", "ColumnTypeError", "ColumnValueError", "SourceNotFoundError",
+    "ArgumentError", "ArgumentTypeError", "WriterStateError", "LossyCastError", "NotAStoreError", "OverlapError",
+    "StoreIOError", "UnverifiedStoreError",
 ]
 
 
@@ -134,3 +136,38 @@ class ImageReadError(MemmapError, OSError):
 
 class SharedMemoryError(MemmapError, OSError):
     "No room for a shared buffer (in ``/dev/shm`` nor in the temporary directory), or it cannot be mapped."
+
+
+class ArgumentError(MemmapError, ValueError):
+    "An argument is out of its range or an unsupported combination (``bs=0``, ``size=0``, ``rank >= num_replicas``...)."
+
+
+class ArgumentTypeError(MemmapError, TypeError):
+    "An argument is of the wrong type (a string where a number is expected, a list where an array is...)."
+
+
+class WriterStateError(MemmapError, RuntimeError):
+    "A writer was used in the wrong state: `append` after `close` or `abort`, `close` on a writer never opened."
+
+
+class LossyCastError(ItemShapeError):
+    """Appending would change values: integers out of the store dtype's range, a float with a fractional
+    part into an integer store, complex into real, NaN into integers, finite floats that overflow to inf."""
+
+
+class NotAStoreError(StoreExistsError):
+    """``overwrite=True`` was given but the target is not a store (a regular file, or a directory without a
+    valid manifest): it is never deleted; move it away or pick another path."""
+
+
+class OverlapError(MemmapError, ValueError):
+    "A converter's output path is, contains or lies inside one of its inputs: writing there could destroy them."
+
+
+class StoreIOError(MemmapError, OSError):
+    """An OS error at the file boundary (symlink loop, name too long, read-only filesystem, permission
+    denied), wrapped with the path and its likely cause. `errno` is the original one."""
+
+
+class UnverifiedStoreError(ChecksumError):
+    "`verify` was asked to prove a store's content, but one or more shards carry no checksum to check."
