@@ -37,9 +37,10 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import numpy as np
 import PIL.Image
 
-from .errors import ImageReadError, ItemShapeError, MemmapError, UnsupportedDtypeError, FormatError
-from .format import MAX_MANIFEST_BYTES
-from .writer import DEFAULT_SHARD_BYTES, MemmapWriter, save_memmap
+from .errors import (ArgumentError, ImageReadError, ItemShapeError, LabelError, MemmapError, NotAStoreError,
+                     SourceNotFoundError, StoreExistsError, UnsupportedDtypeError)
+from .format import check_meta
+from .writer import DEFAULT_SHARD_BYTES, MemmapWriter, WriterGroup, check_no_overlap, check_replaceable
 
 __all__ = ["DecodeSpec", "ImageReadError", "ConvertedImages", "images_to_memmap", "read_image", "image_shape",
            "list_image_files", "add_convert_images_parser", "run_convert_images", "cli_convert_images",
@@ -50,7 +51,6 @@ IMAGE_EXTENSIONS = frozenset(k for k, v in mimetypes.types_map.items() if v.star
 MIN_PER_WORKER = 32       # fewer images per worker than this: decode in-process (pool start-up would dominate)
 CHUNKS_PER_WORKER = 8     # chunks per worker: balances uneven files and keeps the progress bar moving
 MAX_CHUNK = 256           # images per chunk at most (bounds the pixels a converter chunk returns)
-META_SLACK = 1 << 20      # bytes of the manifest kept for everything but the paths
 
 RESAMPLE_NAMES = {int(PIL.Image.NEAREST): "NEAREST", int(PIL.Image.BILINEAR): "BILINEAR",
                   int(PIL.Image.BICUBIC): "BICUBIC", int(PIL.Image.LANCZOS): "LANCZOS",
@@ -66,7 +66,7 @@ def normalize_size(size: SizeArg) -> Optional[Tuple[int, int]]:
         return None
     hw = (size, size) if isinstance(size, (int, np.integer)) else tuple(size)
     if len(hw) != 2 or not all(isinstance(s, (int, np.integer)) and s > 0 for s in hw):
-        raise ValueError(f"size: expected a positive int or (height, width), found {size!r}")
+        raise ArgumentError(f"size: expected a positive int or (height, width), found {size!r}")
     return int(hw[0]), int(hw[1])
 
 
@@ -103,11 +103,11 @@ class DecodeSpec:
     def __post_init__(self):
         object.__setattr__(self, "size", normalize_size(self.size))
         if self.kind not in ("image", "mask"):
-            raise ValueError(f"DecodeSpec: expected kind 'image' or 'mask', found {self.kind!r}")
+            raise ArgumentError(f"DecodeSpec: expected kind 'image' or 'mask', found {self.kind!r}")
         try:
             dt = np.asarray(PIL.Image.new(self.convert_mode, (1, 1))).dtype
         except (ValueError, KeyError):
-            raise ValueError(f"convert_mode: expected a PIL mode such as 'RGB' or 'L', found {self.convert_mode!r}") from None
+            raise ArgumentError(f"convert_mode: expected a PIL mode such as 'RGB' or 'L', found {self.convert_mode!r}") from None
         if dt not in (np.uint8, np.bool_):
             raise UnsupportedDtypeError(f"convert_mode {self.convert_mode!r}: decodes to {dt} pixels, expected uint8; "
                                         "in-RAM and stored images are uint8 (use 'L', 'RGB', 'RGBA'...)")
@@ -371,7 +371,7 @@ def _resolve_source(source: Any, label_from: Any, folder: Optional[PathLike], pa
     elif isinstance(source, (str, os.PathLike)):
         root = Path(source)
         if not root.is_dir():
-            raise FileNotFoundError(f"{root}: expected a folder of images (or a DataFrame of paths), found no folder")
+            raise SourceNotFoundError(f"{root}: expected a folder of images (or a DataFrame of paths), found no folder")
         files = list_image_files(root, extensions)
     else:
         root = Path(folder) if folder is not None else Path(".")
@@ -385,7 +385,7 @@ def _resolve_source(source: Any, label_from: Any, folder: Optional[PathLike], pa
     if is_df:
         col = source.iloc[:, label_from] if isinstance(label_from, int) else source[label_from]
         return root, files, [_plain(v) for v in col]
-    raise ValueError(f"label_from: expected 'folder', a callable, None, or (for a DataFrame) a column, found {label_from!r}")
+    raise ArgumentError(f"label_from: expected 'folder', a callable, None, or (for a DataFrame) a column, found {label_from!r}")
 
 
 def _plain(v: Any) -> Any:
@@ -402,11 +402,8 @@ def relative_key(p: Path, root: Path) -> str:
 
 
 def check_meta_size(meta: Dict[str, Any], where: PathLike) -> None:
-    "Raise ``FormatError`` if `meta` would make the manifest larger than a reader accepts (64 MiB)."
-    n = len(json.dumps(meta))
-    if n > MAX_MANIFEST_BYTES - META_SLACK:
-        raise FormatError(f"{where}: the image paths need {n:,} bytes of manifest, at most "
-                          f"{MAX_MANIFEST_BYTES - META_SLACK:,} fit; convert the images in several stores")
+    "Raise ``FormatError`` if `meta` would make the manifest larger than a reader accepts (`format.check_meta`)."
+    check_meta(meta, str(where))
 
 
 # ------------------------------------------------------------------------------------------- converter
@@ -485,16 +482,22 @@ def images_to_memmap(source: Any, out: PathLike, size: SizeArg = None, label_fro
         ``out/x`` or ``out/y`` exists and not `overwrite`.
     """
     if on_error not in ("skip", "raise"):
-        raise ValueError(f"on_error: expected 'skip' or 'raise', found {on_error!r}")
+        raise ArgumentError(f"on_error: expected 'skip' or 'raise', found {on_error!r}")
     spec = DecodeSpec(convert_mode, size, resample)
     out = Path(out)
     root, files, labels = _resolve_source(source, label_from, folder, path_col, extensions)
     if not files:
-        raise FileNotFoundError(f"{root}: expected image files (extensions {sorted(IMAGE_EXTENSIONS)[:6]}...), found none")
-    for name in ("x", "y") if labels is not None else ("x",):
-        if (out / name).exists() and not overwrite:
-            from .errors import StoreExistsError
-            raise StoreExistsError(f"{out / name}: a store exists already; pass overwrite=True to replace it")
+        raise SourceNotFoundError(f"{root}: expected image files (extensions {sorted(IMAGE_EXTENSIONS)[:6]}...), "
+                                  "found none")
+    targets = [out / name for name in (("x", "y") if labels is not None else ("x",))]
+    check_no_overlap(targets, [root, *sorted({os.path.dirname(os.path.abspath(f)) for f in files})])
+    for t in targets:
+        if (t.exists() or t.is_symlink()) and not overwrite:
+            raise StoreExistsError(f"{t}: a store exists already; pass overwrite=True to replace it")
+        if overwrite and (t.exists() or t.is_symlink()):
+            check_replaceable(t)   # before decoding anything: refuse early, delete nothing
+    if out.exists() and not out.is_dir():
+        raise NotAStoreError(f"{out}: expected a directory to hold the stores x and y, found a file")
     paths = [str(p) for p in files]
     w = n_workers(workers, len(paths))
     fix = "fix or delete it, or pass on_error='skip'"
@@ -505,15 +508,18 @@ def images_to_memmap(source: Any, out: PathLike, size: SizeArg = None, label_fro
     skipped = [(paths[i], msg) for i, msg in bad]
     meta = {"layout": "HWC", IMAGE_STORE_TAG: 1, **spec.meta(), "root": Path(os.path.abspath(root)).as_posix()}
     out.mkdir(parents=True, exist_ok=True)
-    kept = _write_pixels(out / "x", paths, keep, shape, spec, w, progress, on_error, fix, skipped, meta, root,
-                         overwrite, shard_bytes)
     classes = y = None
-    if labels is not None:
-        kept_labels = [labels[i] for i in np.flatnonzero(kept)]
-        classes = sorted(set(kept_labels), key=lambda v: (str(type(v)), v))
-        code = {c: k for k, c in enumerate(classes)}
-        y = save_memmap(out / "y", np.array([code[v] for v in kept_labels], np.int64), meta={"classes": classes},
-                        overwrite=overwrite)
+    with WriterGroup() as group:   # x and y appear together or not at all
+        wx = group.add(MemmapWriter(targets[0], np.uint8, shape, overwrite=overwrite, shard_bytes=shard_bytes))
+        kept = _write_pixels(wx, paths, keep, spec, w, progress, on_error, fix, skipped, meta, root)
+        if labels is not None:
+            kept_labels = [labels[i] for i in np.flatnonzero(kept)]
+            classes = _classes(kept_labels, paths)
+            code = {c: k for k, c in enumerate(classes)}
+            wy = group.add(MemmapWriter(targets[1], np.int64, (), overwrite=overwrite, meta={"classes": classes}))
+            wy.append(np.array([code[v] for v in kept_labels], np.int64))
+            y = targets[1]
+        group.commit()
     skipped.sort()
     if skipped:
         names = ", ".join(f"{p} ({m})" for p, m in skipped[:10])
@@ -535,26 +541,34 @@ def _common_shape(paths: List[str], shapes: np.ndarray, keep: np.ndarray) -> Tup
     return tuple(int(s) for s in first)
 
 
-def _write_pixels(dest: Path, paths: List[str], keep: np.ndarray, shape: Tuple[int, int, int], spec: DecodeSpec,
+def _classes(labels: List[Any], paths: List[str]) -> list:
+    "Sorted distinct labels; a missing label (None, NaN) is refused: it would become a class 'nan'."
+    for i, v in enumerate(labels):
+        if v is None or (isinstance(v, float) and v != v):
+            raise LabelError(f"label of {paths[i]}: expected a label for every image, found {v!r}; fill it in or "
+                             "drop the image from the source")
+    return sorted(set(labels), key=lambda v: (str(type(v)), v))
+
+
+def _write_pixels(wr: MemmapWriter, paths: List[str], keep: np.ndarray, spec: DecodeSpec,
                   workers: int, progress: bool, on_error: str, fix: str, skipped: List[Tuple[str, str]],
-                  meta: Dict[str, Any], root: Path, overwrite: bool, shard_bytes: int) -> np.ndarray:
-    "Decode the `keep` images in order into the store `dest`; returns the mask of images written."
+                  meta: Dict[str, Any], root: Path) -> np.ndarray:
+    "Decode the `keep` images in order with the open writer `wr`; returns the mask of images written."
     idx = np.flatnonzero(keep)
     bounds = chunk_bounds(len(idx), workers)
-    jobs = [([paths[i] for i in idx[a:b]], shape) for a, b in bounds]
+    jobs = [([paths[i] for i in idx[a:b]], wr.item_shape) for a, b in bounds]
     kept = np.zeros(len(paths), bool)
-    with MemmapWriter(dest, np.uint8, shape, overwrite=overwrite, shard_bytes=shard_bytes) as wr:
-        for k, (pixels, ok, errs) in run_chunks(_decode_task, jobs, spec, workers, progress, ordered=True,
-                                                label="decoding"):
-            rows = idx[bounds[k][0]:bounds[k][1]]
-            for i, msg in errs:
-                if on_error == "raise":
-                    _raise_read_error(paths[rows[i]], msg, fix)
-                skipped.append((paths[rows[i]], msg))
-            wr.append(pixels)
-            kept[rows[ok]] = True
-        wr.meta.update(meta, paths=[relative_key(Path(paths[i]), root) for i in np.flatnonzero(kept)])
-        check_meta_size(wr.meta, dest)
+    for k, (pixels, ok, errs) in run_chunks(_decode_task, jobs, spec, workers, progress, ordered=True,
+                                            label="decoding"):
+        rows = idx[bounds[k][0]:bounds[k][1]]
+        for i, msg in errs:
+            if on_error == "raise":
+                _raise_read_error(paths[rows[i]], msg, fix)
+            skipped.append((paths[rows[i]], msg))
+        wr.append(pixels)
+        kept[rows[ok]] = True
+    wr.meta.update(meta, paths=[relative_key(Path(paths[i]), root) for i in np.flatnonzero(kept)])
+    check_meta_size(wr.meta, wr.path)
     return kept
 
 

@@ -36,7 +36,10 @@ Writers reserve a fixed header size when a shard is opened (big enough for a 19-
 
 Manifest
 --------
-``manifest.json`` is UTF-8 JSON (never pickle), an object with these keys:
+``manifest.json`` is strict UTF-8 JSON (RFC 8259: never pickle, and no ``NaN``/``Infinity`` tokens,
+which Python's ``json`` would accept but other languages' parsers refuse; writers refuse such values
+in ``meta`` and readers refuse manifests that contain them), at most ``MAX_MANIFEST_BYTES`` (64 MiB),
+an object with these keys:
 
 =============  ==========================================================================
 ``format``     the string ``"fastai_memmap"`` (``FORMAT_NAME``)
@@ -125,11 +128,12 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .errors import (FormatError, ShardMismatchError, StoreNotFoundError, TruncatedStoreError,
+from .errors import (ArgumentTypeError, FormatError, ShardMismatchError, StoreNotFoundError, TruncatedStoreError,
                      UnsafePathError, UnsupportedDtypeError)
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MANIFEST_NAME", "ARRAY_ALIGN", "KINDS", "OFFSETS_DTYPE", "ShardInfo",
-           "Manifest", "check_dtype", "npy_header_bytes", "read_npy_header", "shard_name", "describe"]
+           "Manifest", "check_dtype", "check_meta", "encode_manifest", "npy_header_bytes", "read_npy_header", "shard_name",
+           "describe"]
 
 FORMAT_NAME = "fastai_memmap"
 FORMAT_VERSION = 1            # bump on any change a version-1 reader would misread
@@ -138,6 +142,7 @@ NPY_MAGIC = b"\x93NUMPY"      # numpy.lib.format.MAGIC_PREFIX
 ARRAY_ALIGN = 64              # numpy.lib.format.ARRAY_ALIGN: data start aligned for SIMD / mmap
 MAX_ROWS_DIGITS = 19          # len(str(2**63 - 1)): room reserved for the row count in a header
 MAX_MANIFEST_BYTES = 64 << 20  # a manifest larger than this is refused, not parsed
+MAX_META_BYTES = MAX_MANIFEST_BYTES - (1 << 20)   # the rest is room for the shard list (~150 bytes a shard)
 MAX_NPY_HEADER = 10000        # numpy's own default max_header_size for untrusted headers
 MAX_INDEX = 2 ** 63 - 1       # numpy's largest dimension and off_t's largest size: beyond, refuse, never allocate
 KINDS = ("dense", "ragged", "sparse")
@@ -340,8 +345,8 @@ class Manifest:
         return d
 
     def to_json(self) -> str:
-        "The manifest serialised as JSON text."
-        return json.dumps(self.to_dict(), indent=1, sort_keys=True)
+        "The manifest serialised as strict JSON text (``ValueError`` for NaN/inf in `meta`: see `encode_manifest`)."
+        return json.dumps(self.to_dict(), indent=1, sort_keys=True, allow_nan=False)
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "manifest") -> "Manifest":
@@ -439,11 +444,48 @@ class Manifest:
             if size > MAX_MANIFEST_BYTES:
                 raise FormatError(f"{path}: expected a manifest of at most {MAX_MANIFEST_BYTES} bytes, found {size}")
             raw = f.read(MAX_MANIFEST_BYTES + 1)
-        try:
-            d = json.loads(raw.decode("utf8"))
-        except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, int digits limit
-            raise FormatError(f"{path}: expected UTF-8 JSON, found unparsable content ({e})") from None
-        return cls.from_dict(d, where=str(path))
+        return cls.from_dict(parse_json(raw, str(path)), where=str(path))
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"non-standard JSON token {name}")
+
+
+def parse_json(raw: bytes, where: str) -> Any:
+    """Parse strict UTF-8 JSON (``NaN``, ``Infinity``, ``-Infinity`` refused). Raises ``FormatError``."""
+    try:
+        return json.loads(raw.decode("utf8"), parse_constant=_refuse_constant)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, NaN, int digits limit
+        raise FormatError(f"{where}: expected strict UTF-8 JSON, found unparsable content ({e})") from None
+
+
+def check_meta(meta: Any, where: str) -> None:
+    """Refuse `meta` that a manifest cannot hold: not strict JSON (NaN, inf, non-str keys, objects) or
+    so large that the manifest would pass ``MAX_MANIFEST_BYTES``. Raises ``FormatError`` (NaN, inf, too
+    large) or ``ArgumentTypeError`` (a value or key JSON has no type for)."""
+    try:
+        text = json.dumps(meta, allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as e:   # a TypeError stays one: an object, a non-str key
+        cls = ArgumentTypeError if isinstance(e, TypeError) else FormatError
+        raise cls(f"{where}: expected meta of strict JSON values (str, int, finite float, bool, None, "
+                  f"list, dict with str keys), found: {e}") from None
+    if len(text) > MAX_META_BYTES:
+        raise FormatError(f"{where}: expected meta of at most {MAX_META_BYTES:,} bytes as JSON (the manifest limit "
+                          f"less room for the shard list), found {len(text):,}; keep large data in a store, not in meta")
+
+
+def encode_manifest(m: "Manifest", where: str) -> bytes:
+    """The bytes of ``manifest.json`` for `m`, checked as the reader will check them: strict JSON, at
+    most ``MAX_MANIFEST_BYTES``, and parsed back by `Manifest.from_dict` to an equal manifest. The
+    writer commits nothing that the reader refuses. Raises ``FormatError``."""
+    check_meta(m.meta, where)
+    raw = m.to_json().encode("utf8")
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise FormatError(f"{where}: expected a manifest of at most {MAX_MANIFEST_BYTES} bytes, found {len(raw)} "
+                          f"({len(m.shards)} shards); use larger shards (shard_bytes) or less meta")
+    if Manifest.from_dict(parse_json(raw, where), where=where).to_dict() != m.to_dict():
+        raise FormatError(f"{where}: manifest does not read back as written (meta not JSON round-trippable?)")
+    return raw
 
 
 def _check_name(name: str, where: str) -> str:

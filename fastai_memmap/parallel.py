@@ -14,6 +14,8 @@ from typing import Any, Optional, Tuple, Union
 
 import numpy as np
 
+from .casting import cast_rows
+
 from .errors import ItemShapeError
 from .format import check_dtype, npy_header_bytes, shard_name
 from .writer import MemmapWriter
@@ -27,13 +29,17 @@ def is_dask_array(data: Any) -> bool:
     return da is not None and isinstance(data, da.Array)
 
 
-def write_shard_file(path: Union[str, Path], block: Any, dtype: Any) -> Tuple[int, str]:
+def write_shard_file(path: Union[str, Path], block: Any, dtype: Any, item_shape: Optional[Tuple[int, ...]] = None,
+                     casting: str = "lossless") -> Tuple[int, str]:
     """Write `block` (rows × item shape) as a complete ``.npy`` shard at `path` (must not exist).
 
-    Casts with ``casting='same_kind'`` to `dtype`, fsyncs, returns ``(rows, "sha256:<hex>")`` where
-    the checksum covers the data bytes, as the store format requires. Raises ``FileExistsError``.
+    Casts to `dtype` under `casting` (`fastai_memmap.casting`: lossless by default), fsyncs, returns
+    ``(rows, "sha256:<hex>")`` where the checksum covers the data bytes, as the store format requires.
+    Raises ``FileExistsError``, ``LossyCastError``, ``ItemShapeError`` (a block whose item shape is not
+    `item_shape`, when given).
     """
-    a = np.ascontiguousarray(np.asarray(block).astype(np.dtype(dtype), casting="same_kind", copy=False))
+    block = np.asarray(block)
+    a = cast_rows(block, np.dtype(dtype), block.shape[1:] if item_shape is None else item_shape, casting, str(path))
     with open(path, "xb") as f:
         f.write(npy_header_bytes(a.dtype, a.shape))
         data = memoryview(a).cast("B") if a.nbytes else b""
@@ -73,7 +79,8 @@ def save_dask(path: Union[str, Path], arr: Any, dtype: Any = None, scheduler: Op
     writer = MemmapWriter(path, dtype, arr.shape[1:], **kwargs)
     with writer:
         names = [shard_name(i) for i in range(len(blocks))]
-        tasks = [dask.delayed(write_shard_file)(str(writer._tmp / n), b, dtype) for n, b in zip(names, blocks)]
+        tasks = [dask.delayed(write_shard_file)(str(writer._tmp / n), b, dtype, writer.item_shape, writer.casting)
+                 for n, b in zip(names, blocks)]
         results = dask.compute(*tasks, scheduler=scheduler) if scheduler else dask.compute(*tasks)
         writer._shards.extend([n, rows, ck] for n, (rows, ck) in zip(names, results))
         writer.rows = sum(r for r, _ in results)

@@ -16,10 +16,15 @@ import pandas as pd
 
 from .errors import TabularError
 from .tabular_split import _Split
-from .tabular_state import STATE_NAME, TabularState
+from .tabular_state import STATE_NAME, TabularState, read_tabular_json
 from .writer import MemmapWriter, begin_staging, commit_staging, _fsync_dir, _write_fsync
 
 __all__: list = []           # internal to the tabular converter
+
+
+def _is_tabular_store(path: Path) -> None:
+    "Raise ``MemmapError`` unless `path` is a tabular store (``overwrite=True`` replaces nothing else)."
+    read_tabular_json(path)
 
 
 class _Staging:
@@ -31,7 +36,7 @@ class _Staging:
         self._lock = None
 
     def __enter__(self) -> "_Staging":
-        self._lock, self.dir = begin_staging(self.out, self.overwrite)
+        self._lock, self.dir = begin_staging(self.out, self.overwrite, is_store=_is_tabular_store)
         return self
 
     def commit(self, doc: Dict[str, Any]) -> None:
@@ -43,7 +48,7 @@ class _Staging:
             lock.unlink()
         _write_fsync(self.dir / STATE_NAME, text.encode("utf8"))
         _fsync_dir(self.dir)
-        commit_staging(self.dir, self.out, self.overwrite)
+        commit_staging(self.dir, self.out, self.overwrite, is_store=_is_tabular_store)
         self.dir = None
 
     def __exit__(self, exc_type, exc, tb) -> None:

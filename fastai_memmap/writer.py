@@ -27,15 +27,21 @@ from typing import Any, Dict, Iterable, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .errors import (ItemShapeError, StoreExistsError, StoreWriteError, UnsafePathError, WriterConflictError,
-                     MemmapError)
-from .format import MANIFEST_NAME, Manifest, ShardInfo, check_dtype, npy_header_bytes, shard_name
+from .casting import CASTINGS, cast_rows
+from .errors import (ArgumentError, ArgumentTypeError, ItemShapeError, MemmapError, NotAStoreError, OverlapError,
+                     StoreExistsError, StoreIOError, StoreWriteError, UnsafePathError, WriterConflictError,
+                     WriterStateError)
+from .format import (MANIFEST_NAME, Manifest, ShardInfo, check_dtype, check_meta, encode_manifest,
+                     npy_header_bytes, shard_name)
 
-__all__ = ["MemmapWriter", "save_memmap", "DEFAULT_SHARD_BYTES", "TMP_MARK"]
+__all__ = ["MemmapWriter", "save_memmap", "DEFAULT_SHARD_BYTES", "TMP_MARK", "check_replaceable",
+           "check_no_overlap", "os_error", "WriterGroup", "commit_group"]
 
 DEFAULT_SHARD_BYTES = 1 << 30   # 1 GiB of data per shard: few files, yet a shard fits any filesystem
 TMP_MARK = ".fmtmp-"            # marks a writer's temporary directory: ".NAME.fmtmp-PID-HEX"
 OLD_MARK = ".fmold-"            # a replaced store waiting to be deleted: ".NAME.fmold-PID-HEX"
+NAME_MAX = 255                  # bytes in one path component on Linux filesystems (ext4, xfs, btrfs, tmpfs)
+STEM_MAX = 200                  # longer target names are shortened (+ a hash) in the names of temporaries and locks
 
 
 class MemmapWriter:
@@ -69,11 +75,26 @@ class MemmapWriter:
     kind : str
         ``"dense"`` (this class); ``"ragged"`` or ``"sparse"`` construct a `RaggedWriter` /
         `SparseWriter` instead (their extra keywords, e.g. ``size=``, pass through).
+    casting : str
+        ``"lossless"`` (default): `append` casts a batch to `dtype` only if no value changes, except
+        the rounding of floats into a narrower float (float64 → float32) and of large integers into
+        floats; see `fastai_memmap.casting`. ``"no"``, ``"equiv"``, ``"safe"``, ``"same_kind"``,
+        ``"unsafe"``: numpy's own casting rules (``ndarray.astype(casting=...)``), for users who want them.
 
     Raises
     ------
     StoreExistsError
         `path` exists and ``overwrite=False`` (checked on ``__enter__``).
+    NotAStoreError
+        ``overwrite=True`` but `path` is not a store (a file, a symlink, a directory without a valid
+        manifest or with files that are not the store's): nothing is deleted.
+    LossyCastError
+        `append` would change a value (names the first offending row); see `casting`.
+    WriterStateError
+        `append` / `close` on a writer that is not open (closed, aborted, never entered).
+    StoreIOError
+        An OS error at the file boundary before writing (read-only filesystem, permission, symlink
+        loop, name too long), with the path and its likely cause.
     WriterConflictError
         Another writer holds the lock of `path`.
     UnsupportedDtypeError, ItemShapeError
@@ -90,25 +111,35 @@ class MemmapWriter:
     def __init__(self, path: Union[str, Path], dtype: Any, item_shape: Sequence[int] = (),
                  shard_rows: Optional[int] = None, shard_bytes: int = DEFAULT_SHARD_BYTES,
                  overwrite: bool = False, meta: Optional[Dict[str, Any]] = None,
-                 total: Optional[int] = None, progress: bool = False, kind: str = "dense"):
+                 total: Optional[int] = None, progress: bool = False, kind: str = "dense",
+                 casting: str = "lossless"):
+        if not isinstance(path, (str, os.PathLike)):
+            raise ArgumentTypeError(f"path: expected a str or Path, found {type(path).__name__}")
         self.path = Path(path)
         self.dtype = check_dtype(dtype)
+        if casting not in CASTINGS:
+            raise ArgumentError(f"casting: expected one of {CASTINGS}, found {casting!r}")
+        self.casting = casting
         shape = tuple(item_shape) if isinstance(item_shape, (tuple, list)) else (item_shape,)
         if not all(isinstance(s, (int, np.integer)) and s >= 0 for s in shape):
             raise ItemShapeError(f"{self.path}: expected item_shape of non-negative ints, found {item_shape!r}")
         self.item_shape = tuple(int(s) for s in shape)
         row_bytes = math.prod(self.item_shape) * self.dtype.itemsize   # exact: no int64 overflow
         limit = max(1, shard_bytes // row_bytes) if row_bytes else 2 ** 62
-        if shard_rows is not None and shard_rows < 1:
-            raise ValueError(f"{self.path}: expected shard_rows >= 1, found {shard_rows}")
+        if shard_rows is not None and (not isinstance(shard_rows, (int, np.integer)) or shard_rows < 1):
+            raise ArgumentError(f"{self.path}: expected shard_rows an int >= 1, found {shard_rows!r}")
+        if not isinstance(shard_bytes, (int, np.integer)) or shard_bytes < 1:
+            raise ArgumentError(f"{self.path}: expected shard_bytes an int >= 1, found {shard_bytes!r}")
         self.shard_rows = min(limit, shard_rows) if shard_rows else limit
         self.overwrite, self.meta, self.total, self.progress = overwrite, dict(meta or {}), total, progress
         self.rows = 0
         self._shards: list = []
         self._f = self._hash = self._tmp = self._lock = self._pbar = None
         self._shard_n = 0
-        self._committed = False
-        _check_json(self.meta, self.path)
+        self._committed = self._staged = False
+        if meta is not None and not isinstance(meta, dict):
+            raise ArgumentTypeError(f"{self.path}: expected meta a dict, found {type(meta).__name__}")
+        check_meta(self.meta, str(self.path))   # before any byte is written: the reader would refuse it
 
     # ---------------------------------------------------------------- lifecycle
     def __enter__(self) -> "MemmapWriter":
@@ -133,22 +164,24 @@ class MemmapWriter:
     def append(self, batch: Any) -> None:
         """Append rows: `batch` is array-like of shape ``(n, *item_shape)``, castable to `dtype`.
 
-        The batch is cast with ``casting='same_kind'`` (float64 → float32 is fine, float → int is
-        refused) and written at once; nothing else is held in memory. Raises ``ItemShapeError``.
+        The batch is cast under the writer's `casting` (default ``"lossless"``: no value may change
+        but for float rounding) and written at once; nothing else is held in memory (the batch is
+        copied only when its dtype or layout differs). Raises ``ItemShapeError`` (shape, ragged
+        nested lists, non-numeric values), ``LossyCastError`` (first offending row named),
+        ``WriterStateError`` (writer not open).
         """
-        if self._tmp is None or self._committed:
-            raise MemmapError(f"{self.path}: writer is not open (use `with MemmapWriter(...) as w:`)")
-        a = np.asarray(batch)
-        if a.shape[1:] != self.item_shape or a.ndim != len(self.item_shape) + 1:
-            raise ItemShapeError(f"{self.path}: expected a batch of shape (n, {', '.join(map(str, self.item_shape))}) "
-                                 f"-- (n, *item_shape) -- found {a.shape}")
-        try:
-            a = np.ascontiguousarray(a.astype(self.dtype, casting="same_kind", copy=False))
-        except TypeError:
-            raise ItemShapeError(f"{self.path}: expected values castable to {self.dtype} (same kind), found {a.dtype}") from None
+        self._check_open()
+        a = cast_rows(batch, self.dtype, self.item_shape, self.casting, str(self.path), first_row=self.rows)
         self._guard(self._write, a)
         if self._pbar is not None:
             self._pbar.update(min(self.rows, self.total))
+
+    def _check_open(self) -> None:
+        if self._tmp is None or self._committed or self._staged:
+            state = ("closed" if self._committed or self._staged else
+                     "not open (never entered, or aborted after an error)")
+            raise WriterStateError(f"{self.path}: expected an open writer, found it {state}; "
+                                   "use `with MemmapWriter(...) as w:` and append inside the block")
 
     def _guard(self, write, *args: Any) -> None:
         "Call ``write(*args)``; on an ``OSError`` abort and raise ``StoreWriteError``."
@@ -202,38 +235,48 @@ class MemmapWriter:
         """
         if self._committed:
             return self.path
-        if self._tmp is None:
-            raise MemmapError(f"{self.path}: writer was never opened or was aborted")
+        self.stage()
+        _guard_commit([self], lambda: commit_staging(self._tmp, self.path, self.overwrite))
+        self._mark_committed()
+        return self.path
+
+    def stage(self) -> Path:
+        """Finish the last shard, write the manifest and check the staged store as the reader will,
+        without committing it (`close` or a `WriterGroup` commits). Returns the staging directory.
+        After this `append` is refused. Raises ``WriterStateError``, the reader's ``FormatError``,
+        ``StoreWriteError`` (the writer is then aborted, the target unchanged)."""
+        self._check_open()
+        _guard_commit([self], self._finish_staging)
+        self._staged = True
+        return self._tmp
+
+    def _finish_staging(self) -> None:
         try:
             if self._f is None and not self._shards:
                 self._new_shard()
             if self._f is not None:
                 self._finish_shard()
-            m = self._manifest()
-            _write_fsync(self._tmp / MANIFEST_NAME, m.to_json().encode("utf8"))
+            _write_fsync(self._tmp / MANIFEST_NAME, encode_manifest(self._manifest(), str(self.path)))
             _fsync_dir(self._tmp)
-            self._commit()
-        except MemmapError:   # StoreExistsError is an OSError too: keep its type
-            self.abort()
-            raise
-        except OSError as e:
-            self.abort()
-            raise StoreWriteError(e.errno, f"{self.path}: committing failed ({e}); the target is unchanged") from e
+            self._validate_staged()
         finally:
             if self._pbar is not None:
                 self._pbar.on_iter_end()
-        self._committed = True
+
+    def _mark_committed(self) -> None:
+        self._tmp, self._committed = None, True
         self._release()
-        return self.path
 
     def _manifest(self) -> Manifest:
         "The manifest of the finished shards."
         return Manifest(dtype=self.dtype, item_shape=self.item_shape, meta=self.meta,
                         shards=tuple(ShardInfo(n, r, c) for n, r, c in self._shards))
 
-    def _commit(self) -> None:
-        commit_staging(self._tmp, self.path, self.overwrite)
-        self._tmp = None
+    def _validate_staged(self) -> None:
+        """Open the staged store with the reader, exactly as a user would: what it refuses is never
+        committed (raises the reader's ``FormatError`` / ``ShardMismatchError``; the target is unchanged)."""
+        from .reader import MemmapArray
+        MemmapArray.open(self._tmp).close()
 
     def abort(self) -> None:
         "Discard everything written so far; the target is left as it was. Safe to call twice."
@@ -254,6 +297,65 @@ class MemmapWriter:
             self._lock = None
 
 
+def _guard_commit(writers: Sequence[MemmapWriter], step: Any) -> None:
+    "Run `step()`; on any error abort every writer (the targets stay as they were) and raise it typed."
+    try:
+        step()
+    except MemmapError:   # StoreExistsError is an OSError too: keep its type
+        for w in writers:
+            w.abort()
+        raise
+    except OSError as e:
+        for w in writers:
+            w.abort()
+        raise StoreWriteError(e.errno, f"{writers[0].path}: committing failed ({e}); the target is unchanged") from e
+
+
+class WriterGroup:
+    """Writers whose stores appear together or not at all (e.g. an image store and its label store).
+
+    ::
+
+        with WriterGroup() as g:
+            wx = g.add(MemmapWriter(out / "x", np.uint8, (32, 32, 3), overwrite=True))
+            wy = g.add(MemmapWriter(out / "y", np.int64, (), overwrite=True))
+            ...append...
+            g.commit()
+
+    `add` opens a writer (its lock, its staging directory); `commit` stages every writer (checks each
+    store as the reader will) and then swaps all in with `commit_group`: if any step fails, no target
+    changes. Leaving the block without `commit` (or with an exception) aborts every writer.
+    Raises what `MemmapWriter.close` raises.
+    """
+
+    def __init__(self) -> None:
+        self.writers: list = []
+
+    def __enter__(self) -> "WriterGroup":
+        return self
+
+    def add(self, writer: MemmapWriter) -> MemmapWriter:
+        "Open `writer` and add it to the group; returns it."
+        writer.open()
+        self.writers.append(writer)
+        return writer
+
+    def commit(self) -> Tuple[Path, ...]:
+        "Stage and commit every writer as one group; returns their paths."
+        for w in self.writers:
+            w.stage()      # aborts that writer on error; __exit__ aborts the others
+        _guard_commit(self.writers, lambda: commit_group([(w._tmp, w.path) for w in self.writers],
+                                                         [w.overwrite for w in self.writers]))
+        for w in self.writers:
+            w._mark_committed()
+        return tuple(w.path for w in self.writers)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        for w in self.writers:
+            if not w._committed:
+                w.abort()
+
+
 def _writer_class(kind: str) -> type:
     "The writer class of a store `kind` other than dense (imported lazily: the dense writer needs neither)."
     if kind == "ragged":
@@ -262,27 +364,114 @@ def _writer_class(kind: str) -> type:
     if kind == "sparse":
         from .sparse import SparseWriter
         return SparseWriter
-    raise ValueError(f"kind: expected 'dense', 'ragged' or 'sparse', found {kind!r}")
+    raise ArgumentError(f"kind: expected 'dense', 'ragged' or 'sparse', found {kind!r}")
 
 
-def begin_staging(target: Path, overwrite: bool) -> Tuple[int, Path]:
+_CAUSES = {errno.ELOOP: "a symlink loop in the path", errno.ENAMETOOLONG: "a name longer than the filesystem allows",
+           errno.EROFS: "a read-only filesystem", errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
+           errno.ENOTDIR: "a path component is a file, not a directory", errno.ENOSPC: "no space left on the device",
+           errno.EDQUOT: "disk quota exceeded", errno.EISDIR: "a directory where a file was expected"}
+
+
+def os_error(e: OSError, path: Path, doing: str) -> StoreIOError:
+    """An ``OSError`` raised at the file boundary as a `StoreIOError` (same `errno`) naming `path`, what was
+    being done and the likely cause (symlink loop, read-only filesystem, permission...)."""
+    cause = _CAUSES.get(e.errno, os.strerror(e.errno) if e.errno else str(e))
+    return StoreIOError(e.errno, f"{path}: {doing} failed: {cause} ({e})")
+
+
+def _stem(name: str) -> str:
+    "`name`, or for a very long one a shortened form + hash: temporaries and locks must fit in NAME_MAX too."
+    if len(os.fsencode(name)) <= STEM_MAX:
+        return name
+    digest = hashlib.sha256(os.fsencode(name)).hexdigest()[:16]
+    return os.fsdecode(os.fsencode(name)[:STEM_MAX - 17]).rstrip("\ufffd") + "~" + digest
+
+
+def check_replaceable(target: Path, is_store: Optional[Any] = None) -> None:
+    """Refuse to replace `target` unless it is a store: ``overwrite=True`` never deletes anything else.
+
+    A store is a directory (not a symlink) whose ``manifest.json`` opens (`Manifest.load`) and which
+    holds nothing but the manifest and the shard files it names. `is_store`, if given, replaces that
+    check for other store layouts (e.g. a tabular store): a function of the directory that raises
+    ``MemmapError`` when it is not one.
+
+    Raises ``NotAStoreError`` (a ``FileExistsError``) naming what is there.
+    """
+    if target.is_symlink():
+        raise NotAStoreError(f"{target}: expected a store to replace, found a symlink (to {os.readlink(target)!r}); "
+                             "not replaced: remove the link or write elsewhere")
+    if not target.is_dir():
+        raise NotAStoreError(f"{target}: expected a store directory to replace, found a "
+                             f"{'regular file' if target.is_file() else 'special file'}; not replaced: overwrite=True "
+                             "replaces stores only (move the file or write elsewhere)")
+    try:
+        if is_store is not None:
+            is_store(target)
+            return
+        m = Manifest.load(target)
+    except MemmapError as e:
+        raise NotAStoreError(f"{target}: expected a store to replace, found a directory that is not one ({e}); "
+                             "not replaced: overwrite=True replaces stores only") from None
+    extra = sorted(set(os.listdir(target)) - {MANIFEST_NAME} - {f for s in m.shards for f in s.files})
+    if extra:
+        raise NotAStoreError(f"{target}: expected only the manifest and shards of a store, found other files "
+                             f"{extra[:5]!r}{' ...' if len(extra) > 5 else ''}; not replaced (they would be deleted): "
+                             "move them out first")
+
+
+def check_no_overlap(outputs: Sequence[Path], inputs: Sequence[Path]) -> None:
+    """Refuse outputs that are, contain or lie inside an input (after resolving symlinks and ``..``).
+
+    A converter writing there could replace or change its own source data. Raises ``OverlapError``.
+    """
+    for o in outputs:
+        ro = Path(os.path.realpath(o))
+        for i in inputs:
+            ri = Path(os.path.realpath(i))
+            if ro == ri or ri in ro.parents or ro in ri.parents:
+                rel = "is" if ro == ri else ("lies inside" if ri in ro.parents else "contains")
+                raise OverlapError(f"{o}: expected an output path apart from the inputs, found that it {rel} the "
+                                   f"input {i}; writing there could destroy the source data: pick another output")
+
+
+def begin_staging(target: Path, overwrite: bool, is_store: Optional[Any] = None) -> Tuple[int, Path]:
     """Lock `target` and create the hidden temporary directory a new store is built in.
 
     Returns ``(lock_fd, tmp_dir)``; close `lock_fd` to release the lock. Cleans temporaries left by
     interrupted writers of `target` (putting back a store whose replacement was interrupted).
-    Raises ``FileNotFoundError`` (no parent directory), ``WriterConflictError`` (locked),
-    ``StoreExistsError`` (`target` exists and not `overwrite`), ``UnsafePathError`` (symlinked lock).
+    Raises ``StoreNotFoundError`` (no parent directory), ``WriterConflictError`` (locked),
+    ``StoreExistsError`` (`target` exists and not `overwrite`), ``NotAStoreError`` (`target` exists,
+    `overwrite`, but is not a store: see `check_replaceable`, which `is_store` is passed to),
+    ``UnsafePathError`` (symlinked lock), ``StoreIOError`` (other OS errors, with their cause).
     """
+    try:
+        return _begin_staging(target, overwrite, is_store)
+    except MemmapError:
+        raise
+    except (OSError, RuntimeError) as e:   # pathlib raises RuntimeError for a symlink loop
+        if isinstance(e, RuntimeError):
+            e = OSError(errno.ELOOP, str(e))
+        raise os_error(e, target, "preparing to write the store") from None
+
+
+def _begin_staging(target: Path, overwrite: bool, is_store: Optional[Any]) -> Tuple[int, Path]:
+    if len(os.fsencode(target.name)) > NAME_MAX:
+        raise StoreIOError(errno.ENAMETOOLONG, f"{target}: expected a name of at most {NAME_MAX} bytes, found "
+                           f"{len(os.fsencode(target.name))}; pick a shorter name")
     parent = target.parent
     if not parent.is_dir():
-        raise FileNotFoundError(f"{target}: parent directory {parent} does not exist")
-    lock = _take_lock(parent / f".{target.name}.lock", target)
+        from .errors import StoreNotFoundError
+        raise StoreNotFoundError(f"{target}: parent directory {parent} does not exist")
+    lock = _take_lock(parent / f".{_stem(target.name)}.lock", target)
     try:
         _clean_stale(parent, target.name)   # may put back a store whose replacement was interrupted
-        if (target.exists() or target.is_symlink()) and not overwrite:
-            what = "a symlink" if target.is_symlink() else "a file or store"
-            raise StoreExistsError(f"{target}: {what} exists already; pass overwrite=True to replace it")
-        tmp = parent / f".{target.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        if target.exists() or target.is_symlink():
+            if not overwrite:
+                what = "a symlink" if target.is_symlink() else ("a store" if target.is_dir() else "a file")
+                raise StoreExistsError(f"{target}: {what} exists already; pass overwrite=True to replace a store")
+            check_replaceable(target, is_store)
+        tmp = parent / f".{_stem(target.name)}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
     except BaseException:
         os.close(lock)
@@ -290,33 +479,81 @@ def begin_staging(target: Path, overwrite: bool) -> Tuple[int, Path]:
     return lock, tmp
 
 
-def commit_staging(tmp: Path, target: Path, overwrite: bool) -> None:
+def commit_staging(tmp: Path, target: Path, overwrite: bool, is_store: Optional[Any] = None) -> None:
     """Move the complete store built in `tmp` to `target` atomically (the caller holds the lock).
 
-    Replaces an existing `target` only with `overwrite` (one ``renameat2(RENAME_EXCHANGE)`` where the
-    filesystem has it, else two renames; a failed second rename puts the old store back). Raises
-    ``StoreExistsError`` if `target` appeared and not `overwrite`, ``OSError`` from the renames (the
-    target is then unchanged).
+    Replaces an existing `target` only with `overwrite` and only if it is still a store
+    (`check_replaceable`, checked again here: something else may have appeared while writing). One
+    ``renameat2(RENAME_EXCHANGE)`` where the filesystem has it, else two renames; a failed second
+    rename puts the old store back. Raises ``StoreExistsError`` if `target` appeared and not
+    `overwrite`, ``NotAStoreError``, ``OSError`` from the renames (the target is then unchanged).
     """
-    old = None
-    if target.exists() or target.is_symlink():
-        if not overwrite:
-            raise StoreExistsError(f"{target}: appeared while writing; not replaced (overwrite=False)")
-        if _try_exchange(tmp, target):   # one atomic step: the old store is now at tmp
-            _fsync_dir(target.parent)
-            _remove(tmp)
-            return
-        old = target.parent / f".{target.name}{OLD_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        os.rename(target, old)
+    old, _ = _swap_in(tmp, target, overwrite, is_store)
+    if old is not None:
+        _remove(old)
+
+
+def _swap_in(tmp: Path, target: Path, overwrite: bool, is_store: Optional[Any]) -> Tuple[Optional[Path], str]:
+    """Put `tmp` at `target`. Returns ``(old, how)``: where the previous store now is (None for a new
+    target), to delete once all is done, and how it was done (``"new"``, ``"exchange"``, ``"rename"``)."""
+    if not (target.exists() or target.is_symlink()):
+        os.rename(tmp, target)
+        _fsync_dir(target.parent)
+        return None, "new"
+    if not overwrite:
+        raise StoreExistsError(f"{target}: appeared while writing; not replaced (overwrite=False)")
+    check_replaceable(target, is_store)
+    if _try_exchange(tmp, target):   # one atomic step: the old store is now at tmp
+        _fsync_dir(target.parent)
+        return tmp, "exchange"
+    old = target.parent / f".{_stem(target.name)}{OLD_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    os.rename(target, old)
     try:
         os.rename(tmp, target)
     except OSError:
-        if old is not None:   # put the previous store back: the target must be unchanged
-            os.rename(old, target)
+        os.rename(old, target)   # put the previous store back: the target must be unchanged
         raise
     _fsync_dir(target.parent)
-    if old is not None:
-        _remove(old)
+    return old, "rename"
+
+
+def _swap_back(tmp: Path, target: Path, old: Optional[Path], how: str) -> None:
+    "Undo `_swap_in`: the new store goes back to `tmp`, the previous one (if any) back to `target`."
+    if how == "exchange":
+        _exchange(tmp, target)
+    else:
+        os.rename(target, tmp)
+        if how == "rename":
+            os.rename(old, target)
+    _fsync_dir(target.parent)
+
+
+def commit_group(staged: Sequence[Tuple[Path, Path]], overwrite: Sequence[bool]) -> None:
+    """Commit several staged stores ``[(tmp, target), ...]`` as a group: all appear, or none changes.
+
+    `overwrite` holds one flag per store.
+    Each target is checked first (`check_replaceable` where it exists), then swapped in one by one;
+    if one fails, those already swapped are put back as they were before the error is raised. The
+    previous stores are deleted only once every target holds its new store. The caller holds every
+    target's lock. Raises like `commit_staging`. (A crash *between* two swaps can leave the group
+    half-replaced; each target is still a complete store, old or new.)
+    """
+    for (tmp, target), ok in zip(staged, overwrite):
+        if target.exists() or target.is_symlink():
+            if not ok:
+                raise StoreExistsError(f"{target}: exists; not replaced (overwrite=False)")
+            check_replaceable(target)
+    done: list = []
+    try:
+        for (tmp, target), ok in zip(staged, overwrite):
+            done.append((tmp, target) + _swap_in(tmp, target, ok, None))
+    except BaseException:
+        for tmp, target, old, how in reversed(done):
+            _swap_back(tmp, target, old, how)
+        raise
+    for _, _, old, _ in done:
+        if old is not None:
+            _remove(old)
 
 
 def _take_lock(lock_path: Path, target: Path) -> int:
@@ -344,8 +581,9 @@ def _clean_stale(parent: Path, name: str) -> None:
     If the target is missing and exactly one complete replaced store (``.NAME.fmold-*``) is left, a
     writer died between the two renames of a fallback replace: that previous store is put back.
     """
-    stale = [p for p in parent.glob(f".{glob.escape(name)}.fm*-*")
-             if p.name.startswith(f".{name}{TMP_MARK}") or p.name.startswith(f".{name}{OLD_MARK}")]
+    stem = _stem(name)
+    stale = [p for p in parent.glob(f".{glob.escape(stem)}.fm*-*")
+             if p.name.startswith(f".{stem}{TMP_MARK}") or p.name.startswith(f".{stem}{OLD_MARK}")]
     old = [p for p in stale if OLD_MARK in p.name and (p / MANIFEST_NAME).is_file()]
     target = parent / name
     if len(old) == 1 and not (target.exists() or target.is_symlink()):
@@ -405,14 +643,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _check_json(meta: Dict[str, Any], path: Path) -> None:
-    import json
-    try:
-        json.dumps(meta)
-    except (TypeError, ValueError) as e:
-        raise TypeError(f"{path}: expected JSON-compatible meta (str, int, float, list, dict), found: {e}") from None
-
-
 def save_memmap(path: Union[str, Path], data: Any, dtype: Any = None, item_shape: Optional[Sequence[int]] = None,
                 batch_rows: int = 65536, kind: Optional[str] = None, **kwargs) -> Path:
     """Write `data` to a new store at `path` and return the path.
@@ -455,7 +685,7 @@ def save_memmap(path: Union[str, Path], data: Any, dtype: Any = None, item_shape
         from .sparse import save_sparse
         return save_sparse(path, data, dtype=dtype, batch_rows=batch_rows, **kwargs)
     if kind != "dense":
-        raise ValueError(f"kind: expected 'dense', 'ragged' or 'sparse', found {kind!r}")
+        raise ArgumentError(f"kind: expected 'dense', 'ragged' or 'sparse', found {kind!r}")
     if hasattr(data, "shape") and hasattr(data, "dtype"):
         n = data.shape[0] if len(data.shape) else None
         if n is None:
@@ -468,7 +698,7 @@ def save_memmap(path: Union[str, Path], data: Any, dtype: Any = None, item_shape
         it = iter(data)
         first = next(it, None)
         if first is None and (dtype is None or item_shape is None):
-            raise ValueError(f"{path}: empty iterable; pass dtype and item_shape to write an empty store")
+            raise ArgumentError(f"{path}: empty iterable; pass dtype and item_shape to write an empty store")
         if first is not None:
             first = np.asarray(first)
             dtype = first.dtype if dtype is None else dtype
