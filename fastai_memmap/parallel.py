@@ -82,6 +82,11 @@ def save_dask(path: Union[str, Path], arr: Any, dtype: Any = None, scheduler: Op
         tasks = [dask.delayed(write_shard_file)(str(writer._tmp / n), b, dtype, writer.item_shape, writer.casting)
                  for n, b in zip(names, blocks)]
         results = dask.compute(*tasks, scheduler=scheduler) if scheduler else dask.compute(*tasks)
+        declared = [n for n in arr.chunks[0] if n > 0]
+        for name, (rows, _), n in zip(names, results, declared):
+            if rows != n:
+                raise ItemShapeError(f"{path}: chunk of shard {name}: expected {n} rows as the dask array declares, "
+                                     f"found a block of {rows}; fix the array's chunks (nothing was committed)")
         writer._shards.extend([n, rows, ck] for n, (rows, ck) in zip(names, results))
         writer.rows = sum(r for r, _ in results)
     return Path(path)
