@@ -15,7 +15,7 @@ import numpy as np
 
 from .errors import ItemShapeError, MemmapError, OffsetsError, RowIndexError, RowIndexTypeError, ShardMismatchError
 from .format import OFFSETS_DTYPE, Manifest, ShardInfo, npy_header_bytes, shard_name
-from .reader import DEFAULT_MAX_OPEN, MemmapArray
+from .reader import DEFAULT_MAX_OPEN, MemmapArray, check_verified
 from .writer import DEFAULT_SHARD_BYTES, MemmapWriter
 
 __all__ = ["RaggedArray", "RaggedWriter", "save_ragged", "check_offsets", "ragged_ranges", "VALIDATE_MODES",
@@ -321,15 +321,36 @@ class RaggedArray:
             yield self[i]
 
     # ---------------------------------------------------------------- checks
-    def verify(self, progress: bool = False) -> None:
-        """Check every file against its checksum and every shard's offsets; reads every byte.
+    def verify(self, progress: bool = False, allow_unchecked: bool = False) -> List[Dict[str, Any]]:
+        """Check every file (data, offsets) against its checksum and every shard's offsets; reads every byte.
 
-        Raises ``ChecksumError``, ``TruncatedStoreError``, ``OffsetsError`` naming the file.
+        Parameters
+        ----------
+        progress, allow_unchecked
+            As for ``MemmapArray.verify``.
+
+        Returns
+        -------
+        list of dict
+            One dict per file as ``MemmapArray.verify`` returns: every data file, then every offsets file.
+
+        Raises
+        ------
+        ChecksumError, TruncatedStoreError, StoreChangedError
+            As ``MemmapArray.verify``, naming the file.
+        OffsetsError
+            A shard's offsets do not start at 0, decrease or do not end at its data length.
+        UnverifiedStoreError
+            A file has no recorded checksum and `allow_unchecked` is False (raised after every other check).
         """
-        for part in self._parts():
-            part.verify(progress=progress)
+        return check_verified(self.path, self._verify_report(progress), allow_unchecked)
+
+    def _verify_report(self, progress: bool = False) -> List[Dict[str, Any]]:
+        "Hash every part, then check every shard's offsets; `verify`'s report, unchecked files included."
+        report = [r for part in self._parts() for r in part._hash_shards(progress)]
         self._checked.clear()
         self._check_all_offsets()
+        return report
 
 
 def _ragged_shape(trailing: Tuple[int, ...]) -> str:

@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import numpy as np
 
 from .errors import (ChecksumError, RowIndexError, RowIndexTypeError, ShardMismatchError, StoreChangedError,
-                     StoreNotFoundError, TruncatedStoreError)
+                     StoreNotFoundError, TruncatedStoreError, UnverifiedStoreError)
 from .format import MANIFEST_NAME, Manifest, ShardInfo, confined_path, describe, open_regular, read_npy_header
 
 __all__ = ["MemmapArray", "open_memmap", "DEFAULT_MAX_OPEN", "ACCESS_HINTS", "RANGE_HINTS"]
@@ -386,28 +386,74 @@ class MemmapArray:
         return out
 
     # ---------------------------------------------------------------- checks
-    def verify(self, progress: bool = False) -> None:
-        """Re-read every shard and compare it with the checksum recorded at write time.
+    def verify(self, progress: bool = False, allow_unchecked: bool = False) -> List[Dict[str, Any]]:
+        """Re-read every shard and compare it with the SHA-256 recorded at write time.
 
-        Reads every data byte (cost: the store size in bytes). Raises ``ChecksumError`` naming the
-        first shard whose SHA-256 differs, ``TruncatedStoreError`` if a file changed size. Shards
-        without a recorded checksum (bare ``.npy`` files) are only size-checked.
+        Reads every data byte (cost: the store size in bytes, read in 16 MiB chunks; nothing is mapped).
+        Every shard's size is checked first, checksum or not.
+
+        Parameters
+        ----------
+        progress : bool
+            Show a progress bar over the shards.
+        allow_unchecked : bool
+            Accept shards without a recorded checksum (a bare ``.npy`` file, a manifest whose checksums were
+            removed): they are reported with status ``"unchecked"`` and 0 bytes hashed instead of raising.
+
+        Returns
+        -------
+        list of dict
+            One dict per shard file, in row order: ``file`` (str, name inside the store), ``bytes_hashed``
+            (int, the data bytes read and hashed, header excluded; 0 when unchecked), ``checksum`` (the
+            recorded ``"sha256:..."`` or None) and ``status`` (``"ok"`` or ``"unchecked"``).
+
+        Raises
+        ------
+        ChecksumError
+            A shard's SHA-256 differs from the recorded one (names the file, expected and found).
+        UnverifiedStoreError
+            Some shards have no checksum and `allow_unchecked` is False (names them). A ``ChecksumError``.
+        TruncatedStoreError, StoreChangedError
+            A file's size differs from its header, or the file was replaced since the store was opened.
         """
+        return check_verified(self.shard_files[0] if self._bare else self.path, self._hash_shards(progress),
+                              allow_unchecked)
+
+    def _hash_shards(self, progress: bool = False) -> List[Dict[str, Any]]:
+        "`verify`'s report, shards without checksum included (size-checked only); raises ``ChecksumError``."
         shards = list(enumerate(self.manifest.shards))
         if progress:
             from fastprogress.fastprogress import progress_bar
             shards = progress_bar(shards)
+        report = []
         for k, s in shards:
             fp = self.path / s.file
             _check_size(fp, self.manifest, s.rows, self._offsets[k])
             if s.checksum is None:
+                report.append({"file": s.file, "bytes_hashed": 0, "checksum": None, "status": "unchecked"})
                 continue
             with _open_shard(fp) as f:   # hash the file validated at open, not a replacement of the same size
                 self._check_same_file(k, fp, os.fstat(f.fileno()))
-                found = "sha256:" + _sha256(f, self._offsets[k])
+                digest, nbytes = _hash_count(f, self._offsets[k])
+            found = "sha256:" + digest
             if found != s.checksum:
                 raise ChecksumError(f"{fp}: expected checksum {s.checksum}, found {found}; "
                                     "data changed after writing (disk error or edited file)")
+            report.append({"file": s.file, "bytes_hashed": nbytes, "checksum": s.checksum, "status": "ok"})
+        return report
+
+
+def check_verified(where: Path, report: List[Dict[str, Any]], allow_unchecked: bool) -> List[Dict[str, Any]]:
+    """Return the `verify` `report` of the store at `where`; raise ``UnverifiedStoreError`` naming the files
+    without checksum (status ``"unchecked"``) unless `allow_unchecked`. Shared by every kind's `verify`."""
+    unchecked = [r["file"] for r in report if r["status"] == "unchecked"]
+    if unchecked and not allow_unchecked:
+        shown = ", ".join(unchecked[:5]) + (f" and {len(unchecked) - 5} more" if len(unchecked) > 5 else "")
+        raise UnverifiedStoreError(
+            f"{where}: expected a recorded checksum for every file, found none for {len(unchecked)} of "
+            f"{len(report)} ({shown}); their content is unproven (bare .npy file, or checksums removed from "
+            "the manifest): rewrite the store, or pass allow_unchecked=True (CLI: --allow-unchecked)")
+    return report
 
 
 def file_sha256(path: Path, offset: int) -> str:
@@ -417,14 +463,20 @@ def file_sha256(path: Path, offset: int) -> str:
 
 
 def _sha256(f: Any, offset: int) -> str:
-    h = hashlib.sha256()
+    return _hash_count(f, offset)[0]
+
+
+def _hash_count(f: Any, offset: int) -> Tuple[str, int]:
+    "Hex SHA-256 of the open file `f` from `offset` to its end, and the number of bytes hashed."
+    h, n = hashlib.sha256(), 0
     f.seek(offset)
     while True:
         b = f.read(HASH_CHUNK)
         if not b:
             break
         h.update(b)
-    return h.hexdigest()
+        n += len(b)
+    return h.hexdigest(), n
 
 
 def _check_size(fp: Path, m: Manifest, rows: int, offset: int, changed: bool = False) -> os.stat_result:

@@ -15,7 +15,7 @@ import numpy as np
 from .errors import ItemShapeError, ShardMismatchError, SparseIndexError
 from .format import Manifest, ShardInfo, check_dtype
 from .ragged import (OFFSETS_CHECK_CHUNK, RaggedArray, RaggedWriter, _check_validate, norm_rows, open_part)
-from .reader import DEFAULT_MAX_OPEN, MemmapArray
+from .reader import DEFAULT_MAX_OPEN, MemmapArray, check_verified
 from .writer import DEFAULT_SHARD_BYTES
 
 __all__ = ["SparseArray", "SparseWriter", "save_sparse", "csr_to_dense", "is_scipy_sparse", "default_index_dtype"]
@@ -260,16 +260,35 @@ class SparseArray:
         return csr_matrix((values, indices, indptr), shape=(len(indptr) - 1, self.size))
 
     # ---------------------------------------------------------------- checks
-    def verify(self, progress: bool = False) -> None:
+    def verify(self, progress: bool = False, allow_unchecked: bool = False) -> List[Dict[str, Any]]:
         """Check every file against its checksum, every shard's offsets and every column index (reads every byte).
 
-        Raises ``ChecksumError``, ``TruncatedStoreError``, ``OffsetsError``, ``SparseIndexError``.
+        Parameters
+        ----------
+        progress, allow_unchecked
+            As for ``MemmapArray.verify``.
+
+        Returns
+        -------
+        list of dict
+            One dict per file as ``MemmapArray.verify`` returns: every index file, every offsets file,
+            then every values file (none for a pattern-only store).
+
+        Raises
+        ------
+        ChecksumError, TruncatedStoreError, StoreChangedError, OffsetsError
+            As ``RaggedArray.verify``, naming the file.
+        SparseIndexError
+            A stored column index is outside ``[0, size)``.
+        UnverifiedStoreError
+            A file has no recorded checksum and `allow_unchecked` is False (raised after every other check).
         """
-        self.pattern.verify(progress=progress)
+        report = self.pattern._verify_report(progress)
         if self.values is not None:
-            self.values.verify(progress=progress)
+            report += self.values._hash_shards(progress)
         self._checked.clear()
         self._check_all_indices()
+        return check_verified(self.path, report, allow_unchecked)
 
 
 def _rebuild(path: str, manifest: Dict[str, Any], pattern: RaggedArray, values: Optional[MemmapArray],
