@@ -21,16 +21,21 @@ from fastai.basic_train import Learner, LearnerCallback
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Sampler
 
-from .sampling import BlockShuffle, _rank_slice, use_sampler
+from .errors import ArgumentError
+from .sampling import BlockShuffle, _check_rank, _int, _rank_slice, use_sampler
+from .text import LMStream
 
-__all__ = ["RankSliceSampler", "MemmapDistributedTrainer", "to_memmap_distributed"]
+__all__ = ["RankSliceSampler", "MemmapDistributedTrainer", "to_memmap_distributed", "BLOCK_OPTIONS"]
+
+BLOCK_OPTIONS = ("block_bytes", "window_blocks", "readahead")   # the `BlockShuffle` fields a caller may set
 
 
 class RankSliceSampler(Sampler):
     "Positions ``0 .. n-1`` in order, cut into `num_replicas` contiguous parts: this rank's part."
 
     def __init__(self, n: int, num_replicas: int, rank: int):
-        self.part = _rank_slice(int(n), int(num_replicas), int(rank))
+        _check_rank(num_replicas, rank)
+        self.part = _rank_slice(_int("n", n, 0), int(num_replicas), int(rank))
 
     def __len__(self) -> int:
         return self.part.stop - self.part.start
@@ -88,14 +93,23 @@ def to_memmap_distributed(learn: Learner, seed: int = 0, cuda_id: Optional[int] 
     """Make `learn` train as one rank of the initialised default process group; returns `learn`.
 
     `seed` must be equal on every rank (it fixes each epoch's permutation). `block` goes to
-    `BlockShuffle` (``block_bytes``, ``window_blocks``, ``readahead``). Raises ``RuntimeError`` if
-    ``torch.distributed`` is not initialised.
+    `BlockShuffle` (``block_bytes``, ``window_blocks``, ``readahead``). Raises ``ArgumentError`` (a
+    ``ValueError``) if ``torch.distributed`` is not initialised, for a language-model bunch
+    (`MemmapLMDataBunch`: its batches are contiguous token streams, not items a sampler can split),
+    and for bad `block` options or `seed` (checked before any change to `learn`).
     """
     if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError("to_memmap_distributed: expected an initialised torch.distributed process group "
-                           "(call torch.distributed.init_process_group first), found none")
+        raise ArgumentError("to_memmap_distributed: expected an initialised torch.distributed process group "
+                            "(call torch.distributed.init_process_group first), found none")
+    if isinstance(getattr(learn.data, "train_ds", None), LMStream):
+        raise ArgumentError("to_memmap_distributed: expected a data bunch of items (MemmapItemList, ragged, "
+                            "sparse, tabular), found a language-model bunch (MemmapLMDataBunch), whose batches "
+                            "are token streams that cannot be split by item; train it in one process")
+    unknown = sorted(set(block) - set(BLOCK_OPTIONS))
+    if unknown:
+        raise ArgumentError(f"to_memmap_distributed: expected options among {BLOCK_OPTIONS}, found {unknown}")
+    shuffle = BlockShuffle(seed=seed, num_replicas=dist.get_world_size(), rank=dist.get_rank(), **block)
     if cuda_id is not None:
         torch.cuda.set_device(cuda_id)
-    shuffle = BlockShuffle(seed=seed, num_replicas=dist.get_world_size(), rank=dist.get_rank(), **block)
     learn.callbacks.append(MemmapDistributedTrainer(learn, shuffle, cuda_id=cuda_id, drop_last=drop_last))
     return learn

@@ -28,11 +28,19 @@ def read_scalars(store: MemmapArray, rows: np.ndarray, dtype: Any = None) -> np.
 
 
 def _codes(store: MemmapArray, rows: np.ndarray) -> np.ndarray:
-    "Class codes of `rows` as one int64 array (a copy)."
+    "Class codes of `rows` as one int64 array (a copy); ``LabelError`` for a uint64 code that int64 cannot hold."
+    if store.dtype.kind == "u" and store.dtype.itemsize == 8:   # int64 would wrap 2**63 to a negative code
+        codes = read_scalars(store, rows)
+        if len(codes) and int(codes.max()) > np.iinfo(np.int64).max:
+            raise LabelError(f"{store.path}: expected class codes below 2**63, found {int(codes.max())}")
+        return codes.astype(np.int64)
     return read_scalars(store, rows, np.int64)
 
 
 def _check_code_store(store: MemmapArray) -> None:
+    if getattr(store, "kind", "dense") == "ragged":
+        raise LabelError(f"{store.path}: expected a label store of one row per item (dense or sparse), found a "
+                         "ragged store (items of varying length); save one class code per row")
     if store.dtype.kind not in "biu" or int(np.prod(store.item_shape)) != 1:
         raise LabelError(f"{store.path}: expected one integer class code per row for classification, found rows of "
                          f"{store.item_shape} {store.dtype}; pass label_cls=MemmapFloatList for regression")
@@ -53,6 +61,8 @@ class MemmapCategoryProcessor(PreProcessor):
             self.classes = store.meta.get("classes")
             if self.classes is None:
                 codes = _codes(store, np.asarray(ds.items))
+                if len(codes) and int(codes.min()) < 0:
+                    raise LabelError(f"{store.path}: expected class codes >= 0, found {int(codes.min())}")
                 self.classes = list(range(int(codes.max()) + 1 if len(codes) else 0))
         if self.classes is not None:
             self.classes = list(self.classes)
@@ -66,8 +76,10 @@ class MemmapCategoryProcessor(PreProcessor):
         codes = _codes(ds.store, np.asarray(ds.items))
         lo, hi = int(codes.min()), int(codes.max())
         if lo < 0 or hi >= len(self.classes):
+            k = int(np.flatnonzero((codes < 0) | (codes >= len(self.classes)))[0])
             raise LabelError(f"{ds.store.path}: expected class codes in [0, {len(self.classes)}) for classes "
-                             f"{self.classes[:5]}..., found codes from {lo} to {hi}")
+                             f"{self.classes[:5]}..., found code {int(codes[k])} in row {int(ds.items[k])} "
+                             f"(codes from {lo} to {hi}); pass every class name in `classes`")
 
 
 class MemmapLabelList(MemmapItemList):
@@ -146,8 +158,10 @@ class MemmapFloatList(MemmapLabelList):
 def label_cls_for(ystore: MemmapArray, classes: Optional[List], x: MemmapItemList) -> type:
     """Pick the label list class for `ystore`: segmentation masks for image lists whose label rows
     are integer maps of the image's height × width, classification for integer or `classes`-given
-    labels, regression for float labels."""
+    labels, regression for float labels. Raises ``LabelError`` for a ragged label store."""
     from .images import MemmapImageList, MemmapSegmentationLabelList
+    if getattr(ystore, "kind", "dense") == "ragged":
+        _check_code_store(ystore)
     if isinstance(x, MemmapImageList) and ystore.dtype.kind in "iu" and len(ystore.item_shape) >= 2 \
             and tuple(ystore.item_shape[-2:]) == x.image_hw:
         return MemmapSegmentationLabelList

@@ -7,6 +7,7 @@ Python loop per item; `RaggedCollate` is the collate function of ragged item lis
 builds loaders with both (bucketing the training set, as fastai's ``TextClasDataBunch`` does with
 ``SortishSampler``).
 """
+import math
 from typing import Any, Optional
 
 import numpy as np
@@ -18,11 +19,49 @@ from torch.utils.data import DataLoader, Sampler
 from torch.utils.data.dataloader import default_collate
 
 from .batching import Collated
+from .errors import ArgumentError, ArgumentTypeError, LossyCastError
+from .sampling import shuffle_option
 
-__all__ = ["pad_ragged", "RaggedCollate", "BucketSampler", "RaggedDataBunch", "PAD_OUTPUTS", "BUCKET_BATCHES"]
+__all__ = ["pad_ragged", "RaggedCollate", "BucketSampler", "RaggedDataBunch", "PAD_OUTPUTS", "BUCKET_BATCHES",
+           "check_pad_value", "batch_dtype"]
 
 PAD_OUTPUTS = ("lengths", "mask", None)   # what a padded batch carries besides the padded tensor
 BUCKET_BATCHES = 50                        # batches per bucket (fastai's SortishSampler sorts 50 * bs items)
+
+
+def batch_dtype(dtype: np.dtype) -> torch.dtype:
+    "The dtype of the padded batches of items of numpy `dtype`: int64 for integer and bool data, float32 otherwise."
+    return torch.int64 if np.dtype(dtype).kind in "biu" else torch.float32
+
+
+def _pad_scalar(pad_value: Any) -> Any:
+    "`pad_value` as a Python bool, int or float; ``ArgumentTypeError`` for anything else (strings, arrays, complex)."
+    if isinstance(pad_value, (torch.Tensor, np.ndarray)) and pad_value.ndim == 0:
+        pad_value = pad_value.item()
+    if isinstance(pad_value, (bool, np.bool_, int, np.integer, float, np.floating)):
+        return pad_value.item() if isinstance(pad_value, np.generic) else pad_value
+    raise ArgumentTypeError(f"pad_value: expected a real number, found {pad_value!r:.100} ({type(pad_value).__name__})")
+
+
+def check_pad_value(pad_value: Any, dtype: torch.dtype) -> None:
+    """Refuse a `pad_value` that batches of `dtype` cannot hold exactly (``LossyCastError``).
+
+    Integer batches need an integer in the dtype's range (``0.5`` would pad with 0, a real token id;
+    ``2**63`` would wrap); float batches take any float (rounding to float32 is allowed) but not a
+    finite value that overflows to ``inf``. ``ArgumentTypeError`` for a value that is not a real number.
+    """
+    v = _pad_scalar(pad_value)
+    if dtype.is_floating_point:
+        if math.isfinite(v) and abs(v) > torch.finfo(dtype).max:
+            raise LossyCastError(f"pad_value: expected a value {dtype} can hold (|v| <= {torch.finfo(dtype).max:.4g}), "
+                                 f"found {v!r}; it would pad with inf")
+        return
+    info = torch.iinfo(dtype) if dtype != torch.bool else None
+    lo, hi = (0, 1) if info is None else (info.min, info.max)
+    exact = isinstance(v, (bool, int)) or (math.isfinite(v) and float(v).is_integer())
+    if not exact or not lo <= v <= hi:
+        raise LossyCastError(f"pad_value: expected an integer in [{lo}, {hi}] for {dtype} batches (integer store), "
+                             f"found {v!r}; it would pad with another value, maybe a real token id")
 
 
 def pad_ragged(data: np.ndarray, lengths: np.ndarray, pad_value: Any = 0, pad_first: bool = False,
@@ -49,13 +88,17 @@ def pad_ragged(data: np.ndarray, lengths: np.ndarray, pad_value: Any = 0, pad_fi
     -------
     ``[x, lengths]``, ``[x, mask]`` or ``x``, where `x` is a new tensor of shape ``(n, max_len, *trailing)``
     (``max_len`` = 0 for a batch of empty items).
+
+    Raises ``LossyCastError`` for a `pad_value` that `dtype` cannot hold exactly (see `check_pad_value`),
+    ``ArgumentError`` for an unknown `output`.
     """
     if output not in PAD_OUTPUTS:
-        raise ValueError(f"output: expected one of {PAD_OUTPUTS}, found {output!r}")
+        raise ArgumentError(f"output: expected one of {PAD_OUTPUTS}, found {output!r}")
     lengths = np.asarray(lengths, np.int64)
     n, width = len(lengths), int(lengths.max()) if len(lengths) else 0
     if dtype is None:
-        dtype = torch.int64 if data.dtype.kind in "biu" else torch.float32
+        dtype = batch_dtype(data.dtype)
+    check_pad_value(pad_value, dtype)
     x = torch.full((n, width) + tuple(data.shape[1:]), pad_value, dtype=dtype)
     if len(data):
         rows = np.repeat(np.arange(n), lengths)
@@ -79,7 +122,8 @@ class RaggedCollate:
 
     def __init__(self, pad_value: Any = 0, pad_first: bool = False, output: Optional[str] = "lengths"):
         if output not in PAD_OUTPUTS:
-            raise ValueError(f"output: expected one of {PAD_OUTPUTS}, found {output!r}")
+            raise ArgumentError(f"output: expected one of {PAD_OUTPUTS}, found {output!r}")
+        _pad_scalar(pad_value)   # the batch dtype is known per batch: `pad_ragged` checks the value fits it
         self.pad_value, self.pad_first, self.output = pad_value, pad_first, output
 
     def __call__(self, batch: Any) -> Any:
@@ -119,9 +163,12 @@ class BucketSampler(Sampler):
     """
 
     def __init__(self, lengths: Any, bs: int, shuffle: bool = True, bucket_size: Optional[int] = None):
+        if isinstance(bs, (bool, np.bool_)) or not isinstance(bs, (int, np.integer)):
+            raise ArgumentTypeError(f"BucketSampler: expected bs to be an int >= 1, found {bs!r:.100}")
         self.lengths = np.asarray(lengths, np.int64)
         if self.lengths.ndim != 1 or bs < 1:
-            raise ValueError(f"BucketSampler: expected 1-d lengths and bs >= 1, found shape {self.lengths.shape}, bs={bs}")
+            raise ArgumentError(f"BucketSampler: expected 1-d lengths and bs >= 1, found shape {self.lengths.shape}, "
+                                f"bs={bs}")
         self.bs, self.shuffle = int(bs), shuffle
         size = ifnone(bucket_size, BUCKET_BATCHES * self.bs)
         self.bucket_size = max(self.bs, size // self.bs * self.bs)   # whole batches per bucket
@@ -164,16 +211,21 @@ class RaggedDataBunch(DataBunch):
     def create(cls, train_ds: Any, valid_ds: Any, test_ds: Optional[Any] = None, path: Any = ".", bs: int = 64,
                val_bs: Optional[int] = None, num_workers: int = defaults.cpus, dl_tfms: Any = None, device: Any = None,
                collate_fn: Any = data_collate, no_check: bool = False, bucket: bool = True,
-               bucket_size: Optional[int] = None, **dl_kwargs: Any) -> "RaggedDataBunch":
-        "Create a `RaggedDataBunch` from `train_ds`, `valid_ds` and maybe `test_ds` (training bucketed unless ``bucket=False``)."
+               bucket_size: Optional[int] = None, shuffle: Any = True, **dl_kwargs: Any) -> "RaggedDataBunch":
+        """Create a `RaggedDataBunch` from `train_ds`, `valid_ds` and maybe `test_ds` (training bucketed unless
+        ``bucket=False``; ``shuffle='block'`` or a `BlockShuffle` samples it in block order instead of buckets)."""
+        block = shuffle_option(shuffle)   # refuses unknown values before any work
         datasets = cls._init_ds(train_ds, valid_ds, test_ds)
         val_bs = ifnone(val_bs, bs)
         if collate_fn is data_collate:
             x = train_ds.x
             collate_fn = RaggedCollate(x.pad_value, x.pad_first, x.output)
-        sampler = BucketSampler(_lengths(train_ds), bs, bucket_size=bucket_size) if bucket else None
-        dls = [DataLoader(train_ds, bs, shuffle=not bucket, sampler=sampler, drop_last=True, num_workers=num_workers,
-                          **dl_kwargs)]
+        if block is not None:
+            sampler = block.sampler(train_ds)
+        else:
+            sampler = BucketSampler(_lengths(train_ds), bs, bucket_size=bucket_size) if bucket else None
+        dls = [DataLoader(train_ds, bs, shuffle=sampler is None, sampler=sampler, drop_last=True,
+                          num_workers=num_workers, **dl_kwargs)]
         dls += [DataLoader(ds, val_bs, shuffle=False, drop_last=False, num_workers=num_workers, **dl_kwargs)
                 for ds in datasets[1:]]
         return cls(*dls, path=path, device=device, dl_tfms=dl_tfms, collate_fn=collate_fn, no_check=no_check)

@@ -13,9 +13,10 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .errors import ItemShapeError, MemmapError, OffsetsError, RowIndexError, RowIndexTypeError, ShardMismatchError
+from .errors import (ArgumentError, ItemShapeError, OffsetsError, RowIndexError, RowIndexTypeError,
+                     ShardMismatchError, WriterStateError)
 from .format import OFFSETS_DTYPE, Manifest, ShardInfo, npy_header_bytes, shard_name
-from .reader import DEFAULT_MAX_OPEN, MemmapArray, check_verified
+from .reader import ACCESS_HINTS, ADVISE_GAP, DEFAULT_MAX_OPEN, MemmapArray, check_verified
 from .writer import DEFAULT_SHARD_BYTES, MemmapWriter
 
 __all__ = ["RaggedArray", "RaggedWriter", "save_ragged", "check_offsets", "ragged_ranges", "VALIDATE_MODES",
@@ -320,6 +321,35 @@ class RaggedArray:
         for i in range(len(self)):
             yield self[i]
 
+    # ---------------------------------------------------------------- kernel hints
+    def advise(self, hint: str, rows: Any = None) -> None:
+        """`MemmapArray.advise` for items: a hint to the kernel, never a change of results.
+
+        An access-pattern hint (``'random'``, ``'sequential'``, ``'normal'``) applies to every part. A
+        one-off hint (``'willneed'``, ``'populate'``, ``'dontneed'``) applies to the offsets of items
+        `rows` (default: every item) and to every page of their elements. Raises what
+        ``MemmapArray.advise`` raises, ``RowIndexError`` / ``RowIndexTypeError`` for bad `rows`.
+        """
+        if hint in ACCESS_HINTS or rows is None:
+            for part in self._parts():
+                part.advise(hint, rows)
+            return
+        rows = norm_rows(rows, len(self), self.path)[1]
+        k = np.searchsorted(self._starts, rows, side="right") - 1
+        g = self._offsets._starts[k] + (rows - self._starts[k])   # offsets[r] and offsets[r + 1]
+        self._offsets.advise(hint, np.concatenate([g, g + 1]))
+        self.elements.advise(hint, self._element_sample(rows, self.elements.manifest.row_bytes))
+
+    def _element_sample(self, rows: np.ndarray, row_bytes: int) -> np.ndarray:
+        """Element rows of items `rows` (normalised) close enough together that ``advise`` covers every
+        element of an item with one range (``ADVISE_GAP`` apart at most), without listing each element."""
+        starts, lengths = self._locate(rows)
+        step = max(1, ADVISE_GAP // max(1, int(row_bytes)))
+        counts = -(-lengths // step)
+        j = ragged_ranges(np.zeros(len(counts), np.int64), counts)
+        last = (starts + lengths - 1)[lengths > 0]
+        return np.concatenate([np.repeat(starts, counts) + step * j, last])
+
     # ---------------------------------------------------------------- checks
     def verify(self, progress: bool = False, allow_unchecked: bool = False) -> List[Dict[str, Any]]:
         """Check every file (data, offsets) against its checksum and every shard's offsets; reads every byte.
@@ -360,7 +390,7 @@ def _ragged_shape(trailing: Tuple[int, ...]) -> str:
 
 def _check_validate(validate: str) -> None:
     if validate not in VALIDATE_MODES:
-        raise ValueError(f"validate: expected one of {VALIDATE_MODES}, found {validate!r}")
+        raise ArgumentError(f"validate: expected one of {VALIDATE_MODES}, found {validate!r}")
 
 
 def _rebuild(cls: type, path: str, manifest: Dict[str, Any], parts: Tuple[MemmapArray, ...],
@@ -460,7 +490,7 @@ class RaggedWriter(MemmapWriter):
                  overwrite: bool = False, meta: Optional[Dict[str, Any]] = None,
                  total: Optional[int] = None, progress: bool = False, kind: str = "ragged"):
         if kind != self.kind:
-            raise ValueError(f"{path}: expected kind={self.kind!r} for {type(self).__name__}, found {kind!r}")
+            raise ArgumentError(f"{path}: expected kind={self.kind!r} for {type(self).__name__}, found {kind!r}")
         super().__init__(path, dtype, item_shape, shard_rows=shard_rows, shard_bytes=shard_bytes,
                          overwrite=overwrite, meta=meta, total=total, progress=progress)
         self.shard_rows = shard_rows or 2 ** 62
@@ -505,7 +535,8 @@ class RaggedWriter(MemmapWriter):
 
     def _check_open(self) -> None:
         if self._tmp is None or self._committed:
-            raise MemmapError(f"{self.path}: writer is not open (use `with {type(self).__name__}(...) as w:`)")
+            raise WriterStateError(f"{self.path}: expected an open writer (use `with {type(self).__name__}(...) as w:`), "
+                                   f"found one {'already closed' if self._committed else 'not open'}")
 
     def _cast(self, a: Any, dtype: np.dtype, trailing: Tuple[int, ...]) -> np.ndarray:
         a = np.asarray(a)
@@ -590,12 +621,13 @@ def save_ragged(path: Union[str, Path], items: Iterable[Any], dtype: Any = None,
     **kwargs
         Passed to `RaggedWriter` (``overwrite``, ``shard_rows``, ``shard_bytes``, ``meta``, ``progress``).
 
-    Raises what `RaggedWriter` raises; ``ValueError`` for an empty iterable without `dtype`.
+    Raises what `RaggedWriter` raises; ``ArgumentError`` (a ``ValueError``) for an empty iterable without `dtype`.
     """
     it = iter(items)
     first = next(it, None)
     if first is None and dtype is None:
-        raise ValueError(f"{path}: empty iterable; pass dtype (and item_shape) to write an empty store")
+        raise ArgumentError(f"{path}: expected items or a dtype, found an empty iterable and no dtype; pass dtype "
+                            "(and item_shape) to write an empty store")
     if first is not None:
         first = np.asarray(first)
         if first.ndim == 0:

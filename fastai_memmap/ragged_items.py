@@ -12,10 +12,10 @@ import torch
 from fastai.core import ItemBase, is_listy
 from fastai.data_block import PreProcessor
 
-from .errors import ItemShapeError, ShardMismatchError
+from .errors import ArgumentError, ItemShapeError, LossyCastError, ShardMismatchError
 from .format import describe
 from .items import MemmapItem, MemmapItemList
-from .padding import PAD_OUTPUTS, RaggedDataBunch, pad_ragged
+from .padding import PAD_OUTPUTS, RaggedDataBunch, batch_dtype, check_pad_value, pad_ragged
 from .ragged import _ragged_shape
 
 __all__ = ["RaggedItem", "RaggedProcessor", "RaggedItemList", "item_tensor"]
@@ -70,12 +70,44 @@ class RaggedProcessor(PreProcessor):
             a = item.toarray().reshape(-1) if hasattr(item, "toarray") else _numpy(item)
             if self.shape is not None and a.shape != self.shape:
                 raise ItemShapeError(f"predict: expected a row of shape {self.shape}, found {a.shape}")
-            return SparseItem(torch.from_numpy(np.array(a, dtype=np.float32)))
+            return SparseItem(torch.from_numpy(np.array(lossless(a, np.dtype(np.float32), "predict"))))
         a = _numpy(item)
         if self.shape is not None and (a.ndim != len(self.shape) + 1 or a.shape[1:] != self.shape):
             raise ItemShapeError(f"predict: expected an item of shape {_ragged_shape(self.shape)} (? = any length), "
                                  f"found {a.shape}")
-        return RaggedItem(item_tensor(a.astype(np.dtype(self.dtype), copy=False) if self.dtype else a))
+        return RaggedItem(item_tensor(lossless(a, np.dtype(self.dtype), "predict") if self.dtype else a))
+
+
+def lossless(a: np.ndarray, dtype: np.dtype, what: str) -> np.ndarray:
+    """`a` cast to `dtype` (a view if it already is), refusing a cast that changes a value.
+
+    Into integers: integers in the dtype's range, or integral finite floats in range (300 into int8
+    would become 44, 0.5 would become 0). Into floats: real values whose finite ones stay finite
+    (rounding to the nearest float is allowed). Raises ``LossyCastError`` naming the first offending
+    element, ``ItemShapeError`` for a non-numeric `a`.
+    """
+    if a.dtype == dtype:
+        return a
+    if a.dtype.kind not in "biufc":
+        raise ItemShapeError(f"{what}: expected numbers castable to {dtype}, found dtype {a.dtype}")
+    flat = a.reshape(-1)
+    if a.dtype.kind == "c" and dtype.kind != "c":
+        bad = flat.imag != 0
+    elif dtype.kind in "biu":
+        lo, hi = (0, 1) if dtype.kind == "b" else (int(np.iinfo(dtype).min), int(np.iinfo(dtype).max))
+        if a.dtype.kind in "biu":   # exact Python-int comparisons (int64 vs uint64 bounds would go through float)
+            fits = not len(flat) or lo <= int(flat.min()) <= int(flat.max()) <= hi
+            bad = np.zeros(len(flat), bool) if fits else np.array([not lo <= v <= hi for v in flat.tolist()])
+        else:   # floats: hi + 1 is a power of two, exact as a float
+            bad = ~np.isfinite(flat) | (flat != np.floor(flat)) | (flat < lo) | (flat >= float(hi) + 1)
+    else:
+        with np.errstate(over="ignore"):
+            bad = np.isfinite(flat) & ~np.isfinite(flat.astype(dtype))
+    if bad.any():
+        k = int(np.flatnonzero(bad)[0])
+        raise LossyCastError(f"{what}: expected values that {dtype} holds exactly (the store's dtype), found "
+                             f"{flat[k]!r} at element {k}; it would change (wrap, round or overflow)")
+    return a.astype(dtype)
 
 
 def _shape(store: Any) -> tuple:
@@ -105,7 +137,9 @@ class RaggedItemList(MemmapItemList):
             raise ItemShapeError(f"{self.store.path}: expected a ragged store for {type(self).__name__}, found "
                                  f"kind {self.store.kind!r}")
         if output not in PAD_OUTPUTS:
-            raise ValueError(f"output: expected one of {PAD_OUTPUTS}, found {output!r}")
+            raise ArgumentError(f"output: expected one of {PAD_OUTPUTS}, found {output!r}")
+        if self.store is not None:   # the batches' dtype: refuse a pad value it cannot hold before any batch
+            check_pad_value(pad_value, batch_dtype(self.store.dtype))
         self.pad_value, self.pad_first, self.output = pad_value, pad_first, output
         self.copy_new += ["pad_value", "pad_first", "output"]
 

@@ -35,6 +35,8 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
+from .errors import ArgumentError, ArgumentTypeError
+
 __all__ = ["BlockShuffleSampler", "BlockShuffle", "StoreReadahead", "block_shuffle_order", "use_sampler",
            "shuffle_option", "DEFAULT_BLOCK_BYTES", "DEFAULT_WINDOW_BLOCKS", "READAHEAD_WINDOWS",
            "WINDOW_TIMEOUT"]
@@ -44,18 +46,40 @@ DEFAULT_WINDOW_BLOCKS = 8       # blocks whose rows are mixed together; 8 x 16 M
 READAHEAD_WINDOWS = 2           # windows asked for ahead of the one being read: keeps the disk queue busy
 WINDOW_TIMEOUT = 60.0           # seconds the reader waits for a window's readahead before reading it itself
 MAX_WINDOW_LOOP = 4096          # up to this many windows, each is permuted on its own (faster than one argsort)
+SEED_LIMIT = 2 ** 63            # seeds in [0, SEED_LIMIT): each gives its own order (none wraps onto another)
 
 
-def _positive(name: str, value: Any) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"expected {name} to be an int >= 1, found {value!r}")
+def _int(name: str, value: Any, lo: int, hi: Optional[int] = None) -> int:
+    "`value` as an int in ``[lo, hi)``: ``ArgumentTypeError`` for a non-int (bools too), ``ArgumentError`` out of range."
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise ArgumentTypeError(f"expected {name} to be an int, found {value!r:.100} ({type(value).__name__})")
+    if value < lo or (hi is not None and value >= hi):
+        bound = f">= {lo}" if hi is None else f"in [{lo}, {hi})"
+        raise ArgumentError(f"expected {name} {bound}, found {value}")
     return int(value)
 
 
+def _positive(name: str, value: Any) -> int:
+    return _int(name, value, 1)
+
+
 def _check_rank(num_replicas: Any, rank: Any) -> None:
-    _positive("num_replicas", num_replicas)
-    if isinstance(rank, (bool, np.bool_)) or not isinstance(rank, (int, np.integer)) or not 0 <= rank < num_replicas:
-        raise ValueError(f"expected rank in [0, {num_replicas}), found {rank!r}")
+    _int("rank", rank, 0, _positive("num_replicas", num_replicas))
+
+
+def _check_seed(seed: Any, num_replicas: int) -> Optional[int]:
+    """`seed` as an int in ``[0, SEED_LIMIT)``, or None (one process only: each rank would draw its own
+    seed, so their parts of the epoch would overlap and miss rows)."""
+    if seed is None:
+        if num_replicas > 1:
+            raise ArgumentError(f"seed: expected an int shared by every rank with num_replicas={num_replicas}, found "
+                                "None (each rank would draw its own order: parts overlap and rows are missed); "
+                                "pass the same seed=... on every rank")
+        return None
+    if isinstance(seed, (int, np.integer)) and not isinstance(seed, (bool, np.bool_)) and not 0 <= seed < SEED_LIMIT:
+        raise ArgumentError(f"seed: expected an int in [0, 2**63), found {seed}; a seed outside would wrap onto "
+                            "another seed's order")
+    return _int("seed", seed, 0, SEED_LIMIT)
 
 
 def _rank_slice(n: int, num_replicas: int, rank: int) -> slice:
@@ -119,8 +143,11 @@ def block_shuffle_order(n: int, block_rows: int, window_blocks: int = DEFAULT_WI
 
     Raises
     ------
-    ValueError
-        Non-positive sizes, `rank` outside ``[0, num_replicas)``, `keys` of the wrong length.
+    ArgumentError (a ValueError)
+        Non-positive sizes, negative `n` or `epoch`, `seed` outside ``[0, 2**63)``, `rank` outside
+        ``[0, num_replicas)``, `keys` of the wrong length.
+    ArgumentTypeError (a TypeError)
+        A size, `seed`, `epoch` or `rank` that is not an int.
     """
     order, _ = _plan(n, block_rows, window_blocks, seed, epoch, num_replicas, rank, keys)
     return order
@@ -129,12 +156,13 @@ def block_shuffle_order(n: int, block_rows: int, window_blocks: int = DEFAULT_WI
 def _plan(n, block_rows, window_blocks, seed, epoch, num_replicas, rank, keys, base=None) -> tuple:
     block_rows, window_blocks = _positive("block_rows", block_rows), _positive("window_blocks", window_blocks)
     _check_rank(num_replicas, rank)
-    if n < 0:
-        raise ValueError(f"expected n >= 0, found {n}")
+    n, epoch = _int("n", n, 0), _int("epoch", epoch, 0)
+    if _check_seed(seed, 1) is None:
+        raise ArgumentError("seed: expected an int in [0, 2**63), found None; BlockShuffleSampler draws one")
     if keys is not None:
         keys = np.asarray(keys)
         if keys.shape != (n,):
-            raise ValueError(f"expected keys of shape ({n},) (one per position), found {keys.shape}")
+            raise ArgumentError(f"expected keys of shape ({n},) (one per position), found {keys.shape}")
     if n == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     base = _base_order(n, keys) if base is None else base
@@ -202,8 +230,9 @@ class BlockShuffleSampler(Sampler):
     window_blocks : int
         Blocks mixed together (default `DEFAULT_WINDOW_BLOCKS`).
     seed : int, optional
-        Default: drawn from torch's global generator at construction (so ``torch.manual_seed``
-        makes runs repeatable, as for torch's ``RandomSampler``). Ranks must share one seed.
+        In ``[0, 2**63)``. Default: drawn from torch's global generator at construction (so
+        ``torch.manual_seed`` makes runs repeatable, as for torch's ``RandomSampler``); refused with
+        ``num_replicas > 1``, where every rank must pass the same seed.
     num_replicas, rank : int
         As torch's ``DistributedSampler``, but without padding: rank parts differ by at most one
         position and together hold every position once.
@@ -223,25 +252,26 @@ class BlockShuffleSampler(Sampler):
     def __init__(self, n: int, block_rows: int = DEFAULT_BLOCK_BYTES // 4096,
                  window_blocks: int = DEFAULT_WINDOW_BLOCKS, seed: Optional[int] = None, num_replicas: int = 1,
                  rank: int = 0, keys: Optional[Any] = None, prefetch: Any = None, epoch: int = 0):
-        self.n, self.block_rows, self.window_blocks = int(n), _positive("block_rows", block_rows), \
+        self.n, self.block_rows, self.window_blocks = _int("n", n, 0), _positive("block_rows", block_rows), \
             _positive("window_blocks", window_blocks)
         _check_rank(num_replicas, rank)
         self.num_replicas, self.rank = int(num_replicas), int(rank)
-        self.seed = int(torch.randint(0, 2 ** 62, ()).item()) if seed is None else int(seed)
+        seed = _check_seed(seed, self.num_replicas)
+        self.seed = int(torch.randint(0, 2 ** 62, ()).item()) if seed is None else seed
         self.keys = None if keys is None else np.asarray(keys)
         if self.keys is not None and self.keys.shape != (self.n,):
-            raise ValueError(f"expected keys of shape ({self.n},) (one per position), found {self.keys.shape}")
-        self.prefetch, self.epoch = prefetch, int(epoch)
+            raise ArgumentError(f"expected keys of shape ({self.n},) (one per position), found {self.keys.shape}")
+        self.prefetch, self.epoch = prefetch, _int("epoch", epoch, 0)
         self._base = None if self.n == 0 else _base_order(self.n, self.keys)
         self._cached: Optional[tuple] = None   # (epoch, order, window): the plan is computed once per epoch
 
     def set_epoch(self, epoch: int) -> None:
         "Make the next ``iter()`` produce the order of `epoch` (and advance from there)."
-        self.epoch = int(epoch)
+        self.epoch = _int("epoch", epoch, 0)
 
     def order(self, epoch: Optional[int] = None) -> np.ndarray:
         "This rank's positions for `epoch` (default: the current one), int64, a new array."
-        return self._plan(self.epoch if epoch is None else int(epoch))[0].copy()
+        return self._plan(self.epoch if epoch is None else _int("epoch", epoch, 0))[0].copy()
 
     def _plan(self, epoch: int) -> tuple:
         if self._cached is None or self._cached[0] != epoch:
@@ -325,8 +355,8 @@ class BlockShuffle:
     window_blocks : int
         Blocks whose rows are mixed together.
     seed : int, optional
-        Seed of the permutation (default: drawn from torch's generator); set it, with
-        `num_replicas` and `rank`, for distributed training.
+        Seed of the permutation, in ``[0, 2**63)`` (default: drawn from torch's generator); required,
+        the same on every rank, with ``num_replicas > 1``.
     num_replicas, rank : int
         This process's part of each epoch (see `BlockShuffleSampler`).
     readahead : bool
@@ -343,6 +373,9 @@ class BlockShuffle:
         _positive("block_bytes", self.block_bytes)
         _positive("window_blocks", self.window_blocks)
         _check_rank(self.num_replicas, self.rank)
+        _check_seed(self.seed, self.num_replicas)
+        if not isinstance(self.readahead, (bool, np.bool_)):
+            raise ArgumentTypeError(f"expected readahead to be a bool, found {self.readahead!r:.100}")
 
     def sampler(self, dataset: Any) -> BlockShuffleSampler:
         """A `BlockShuffleSampler` for `dataset` (a `LabelList` or `ItemList`).
@@ -376,14 +409,14 @@ def _store_prefetch(lists: List[Any]) -> Optional[StoreReadahead]:
 
 def shuffle_option(shuffle: Union[bool, str, BlockShuffle]) -> Optional[BlockShuffle]:
     """Parse the ``shuffle`` option of the data bunches: True (fastai's random order) gives None,
-    ``'block'`` or a `BlockShuffle` gives a `BlockShuffle`. Raises ``ValueError`` otherwise."""
+    ``'block'`` or a `BlockShuffle` gives a `BlockShuffle`. Raises ``ArgumentError`` otherwise."""
     if shuffle is True or shuffle == "random":
         return None
     if shuffle == "block":
         return BlockShuffle()
     if isinstance(shuffle, BlockShuffle):
         return shuffle
-    raise ValueError(f"expected shuffle=True, 'random', 'block' or a BlockShuffle, found {shuffle!r}")
+    raise ArgumentError(f"expected shuffle=True, 'random', 'block' or a BlockShuffle, found {shuffle!r:.100}")
 
 
 def use_sampler(ddl: Any, sampler: Sampler) -> Any:

@@ -12,10 +12,10 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .errors import ItemShapeError, ShardMismatchError, SparseIndexError
+from .errors import ArgumentError, ItemShapeError, OffsetsError, ShardMismatchError, SparseIndexError
 from .format import Manifest, ShardInfo, check_dtype
 from .ragged import (OFFSETS_CHECK_CHUNK, RaggedArray, RaggedWriter, _check_validate, norm_rows, open_part)
-from .reader import DEFAULT_MAX_OPEN, MemmapArray, check_verified
+from .reader import ACCESS_HINTS, DEFAULT_MAX_OPEN, MemmapArray, check_verified
 from .writer import DEFAULT_SHARD_BYTES
 
 __all__ = ["SparseArray", "SparseWriter", "save_sparse", "csr_to_dense", "is_scipy_sparse", "default_index_dtype"]
@@ -48,8 +48,17 @@ def csr_to_dense(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, si
 
     Returns a new (or `out`) C-contiguous array. Rows with canonical indices (strictly increasing)
     are written by one index assignment; otherwise ``np.add.at`` sums duplicates.
+
+    Raises
+    ------
+    SparseIndexError
+        A column index outside ``[0, size)`` (it would land in another row), naming the row.
+    OffsetsError
+        `indptr` is not 1-d, does not start at 0, decreases or does not end at ``len(indices)``.
+    ItemShapeError
+        `values` not of the length of `indices`, or `out` of another shape.
     """
-    n = len(indptr) - 1
+    n = _check_csr(indptr, indices, values, size)
     if out is None:
         out = np.zeros((n, size), values.dtype if dtype is None else dtype)
     else:
@@ -65,6 +74,22 @@ def csr_to_dense(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, si
         else:
             np.add.at(flat, lin, values)
     return out
+
+
+def _check_csr(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, size: int) -> int:
+    "Number of rows of the CSR parts; raises if they are inconsistent or an index is outside ``[0, size)``."
+    if np.ndim(indptr) != 1 or len(indptr) < 1 or indptr[0] != 0 or (np.diff(indptr) < 0).any() \
+            or indptr[-1] != len(indices):
+        raise OffsetsError(f"csr_to_dense: expected indptr 1-d, from 0, non-decreasing, ending at "
+                           f"len(indices) = {len(indices)}, found {np.asarray(indptr)!r:.200}")
+    if len(values) != len(indices):
+        raise ItemShapeError(f"csr_to_dense: expected one value per index ({len(indices)}), found {len(values)}")
+    if len(indices) and (int(indices.min()) < 0 or int(indices.max()) >= size):
+        bad = int(np.flatnonzero((indices < 0) | (indices >= size))[0])
+        row = int(np.searchsorted(indptr, bad, side="right") - 1)
+        raise SparseIndexError(f"csr_to_dense: expected column indices in [0, {size}), found {int(indices[bad])} "
+                               f"in row {row} (entry {bad}); it would be written into another row")
+    return len(indptr) - 1
 
 
 class SparseArray:
@@ -239,6 +264,18 @@ class SparseArray:
         indptr = np.zeros(len(lengths) + 1, np.int64)
         np.cumsum(lengths, out=indptr[1:])
         return indptr, indices, values
+
+    def advise(self, hint: str, rows: Any = None) -> None:
+        """`MemmapArray.advise` for rows: the pattern's (`RaggedArray.advise`) and, for a one-off hint on
+        `rows`, every page of their values. A hint, never a change of results; raises like `read`."""
+        self.pattern.advise(hint, rows)
+        if self.values is None:
+            return
+        if hint in ACCESS_HINTS or rows is None:
+            self.values.advise(hint, rows)
+            return
+        row_bytes = max(self.values.manifest.row_bytes, self.pattern.elements.manifest.row_bytes)
+        self.values.advise(hint, self.pattern._element_sample(norm_rows(rows, len(self), self.path)[1], row_bytes))
 
     def read(self, rows: Any, out: Optional[np.ndarray] = None) -> np.ndarray:
         """Rows `rows` as a new dense array of shape ``(n, size)`` and dtype `dtype` (or into `out`).
@@ -427,7 +464,7 @@ def save_sparse(path: Union[str, Path], data: Any, dtype: Any = None, batch_rows
         Passed to `SparseWriter` (``overwrite``, ``shard_rows``, ``shard_bytes``, ``meta``,
         ``index_dtype``, ``progress``).
 
-    Returns the path. Raises what `SparseWriter` raises; ``ValueError`` for an empty iterable.
+    Returns the path. Raises what `SparseWriter` raises; ``ArgumentError`` for an empty iterable.
     """
     if is_scipy_sparse(data):
         m = data.tocsr()
@@ -439,7 +476,7 @@ def save_sparse(path: Union[str, Path], data: Any, dtype: Any = None, batch_rows
         chunks = iter(data)
         first = next(chunks, None)
         if first is None:
-            raise ValueError(f"{path}: empty iterable; expected scipy.sparse row chunks")
+            raise ArgumentError(f"{path}: expected scipy.sparse row chunks, found an empty iterable")
         size, dtype = first.shape[1], first.dtype if dtype is None else dtype
     with SparseWriter(path, dtype, size=size, values=True if values is None else values, **kwargs) as w:
         if first is not None:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from .errors import ItemShapeError
+from .errors import ArgumentError, ArgumentTypeError, ItemShapeError
 from .items import MemmapItem, MemmapItemList
 from .ragged_items import RaggedProcessor
 from .sparse import csr_to_dense
@@ -32,7 +32,7 @@ def sparse_batch(store: Any, rows: Any, output: str = "dense") -> torch.Tensor:
     No Python loop per row or per stored entry. Raises what ``SparseArray.read_csr`` raises.
     """
     if output not in SPARSE_OUTPUTS:
-        raise ValueError(f"output: expected one of {SPARSE_OUTPUTS}, found {output!r}")
+        raise ArgumentError(f"output: expected one of {SPARSE_OUTPUTS}, found {output!r}")
     indptr, indices, values = store.read_csr(rows)
     values = values.astype(np.float32, copy=False)
     n = len(indptr) - 1
@@ -71,7 +71,7 @@ class SparseItemList(MemmapItemList):
             raise ItemShapeError(f"{self.store.path}: expected a sparse store for {type(self).__name__}, found "
                                  f"kind {self.store.kind!r}")
         if output not in SPARSE_OUTPUTS:
-            raise ValueError(f"output: expected one of {SPARSE_OUTPUTS}, found {output!r}")
+            raise ArgumentError(f"output: expected one of {SPARSE_OUTPUTS}, found {output!r}")
         self.output = output
         self.copy_new.append("output")
 
@@ -99,9 +99,16 @@ class SparseLinear(nn.Module):
     A sparse batch costs O(stored entries × `out_features`) through ``F.embedding_bag`` (sum of the
     weight rows of the stored indices, weighted by their values): the dense ``(bs, size)`` batch is
     never built. `weight` has shape ``(size, out_features)``, initialised like ``nn.Linear``.
+    A batch of another width than `size` is refused (``ItemShapeError``): a CSR batch's column
+    indices would otherwise pick wrong weight rows (or none) without an error.
     """
 
     def __init__(self, size: int, out_features: int, bias: bool = True):
+        for name, v in (("size", size), ("out_features", out_features)):
+            if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+                raise ArgumentTypeError(f"SparseLinear: expected {name} to be an int >= 0, found {v!r:.100}")
+            if v < 0:
+                raise ArgumentError(f"SparseLinear: expected {name} >= 0, found {v}")
         super().__init__()
         bound = 1 / math.sqrt(max(size, 1))
         self.weight = nn.Parameter(torch.empty(size, out_features).uniform_(-bound, bound))
@@ -109,6 +116,9 @@ class SparseLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         "``x @ weight.T + bias`` for a dense, sparse CSR or sparse COO batch ``(bs, in_features)``."
+        if x.dim() != 2 or x.shape[1] != self.weight.shape[0]:
+            raise ItemShapeError(f"SparseLinear: expected a batch of shape (bs, {self.weight.shape[0]}) "
+                                 f"(in_features = size), found {tuple(x.shape)} ({x.layout})")
         if x.layout == torch.sparse_coo:
             x = x.to_sparse_csr()
         if x.layout == torch.sparse_csr:

@@ -48,7 +48,7 @@ from fastai.layers import CrossEntropyFlat
 from torch.utils.data import DataLoader
 
 from .batching import Collated, memmap_collate
-from .errors import FastaiCompatError, ItemShapeError, TokenIdError
+from .errors import ArgumentError, ArgumentTypeError, FastaiCompatError, ItemShapeError, RowIndexError, TokenIdError
 from .items import open_store
 from .ragged import RaggedArray, norm_rows
 
@@ -105,15 +105,18 @@ def lm_vocab(vocab: Any, store: Any) -> Any:
 
     `vocab` may be a ``Vocab`` (returned as is), a list of token strings (``itos``), an int (the
     vocabulary size; tokens are named by their id), or None: ``store.meta['itos']``, else
-    ``store.meta['vocab_size']``. Raises ``ValueError`` if none is available.
+    ``store.meta['vocab_size']``. Raises ``ArgumentError`` (a ``ValueError``) if none is available or
+    the size is not >= 1.
     """
     if hasattr(vocab, "itos"):
         return vocab
     if vocab is None:
         vocab = store.meta.get("itos", store.meta.get("vocab_size"))
     if vocab is None:
-        raise ValueError(f"{store.path}: expected a vocab (Vocab, itos list or size), or 'itos' / 'vocab_size' "
-                         "in the store's meta; found none")
+        raise ArgumentError(f"{store.path}: expected a vocab (Vocab, itos list or size), or 'itos' / 'vocab_size' "
+                            "in the store's meta; found none")
+    if isinstance(vocab, (bool, np.bool_)) or isinstance(vocab, (int, np.integer)) and vocab < 1:
+        raise ArgumentError(f"{store.path}: expected a vocab size >= 1, found {vocab!r}")
     itos = [str(i) for i in range(vocab)] if isinstance(vocab, (int, np.integer)) else [str(t) for t in vocab]
     return import_fastai_text().Vocab(itos)
 
@@ -145,8 +148,11 @@ class LMStream(Callback):
         if getattr(store, "kind", None) != "ragged" or store.dtype.kind not in "iu" or store.trailing_shape != ():
             raise ItemShapeError(f"{getattr(store, 'path', store)}: expected a ragged store of integer token ids "
                                  f"(trailing shape ()), found {store!r:.200}")
+        for name, v in (("bs", bs), ("bptt", bptt)):
+            if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+                raise ArgumentTypeError(f"{store.path}: expected {name} to be an int >= 1, found {v!r:.100}")
         if bs < 1 or bptt < 1:
-            raise ValueError(f"{store.path}: expected bs >= 1 and bptt >= 1, found bs={bs}, bptt={bptt}")
+            raise ArgumentError(f"{store.path}: expected bs >= 1 and bptt >= 1, found bs={bs}, bptt={bptt}")
         self.store, self.bs, self.bptt, self.shuffle, self.backwards = store, int(bs), int(bptt), shuffle, backwards
         self.vocab_size = vocab_size
         self.rows = np.arange(len(store), dtype=np.int64) if rows is None else norm_rows(rows, len(store), store.path)[1]
@@ -192,10 +198,10 @@ class LMStream(Callback):
         "Rows `indices` of one batch as a `Collated` ``[x, y]`` of int64 tensors ``(len(indices), sl)``."
         k = np.asarray(indices, np.int64)
         if len(k) == 0 or k.min() < 0 or k.max() >= len(self):
-            raise IndexError(f"{self.store.path}: expected stream items in [0, {len(self)}), found {k!r:.100}")
+            raise RowIndexError(f"{self.store.path}: expected stream items in [0, {len(self)}), found {k!r:.100}")
         b, j = k // self.bs, k % self.bs
         if (b != b[0]).any():
-            raise ValueError(f"{self.store.path}: expected the rows of one batch (a loader with batch_size={self.bs}, "
+            raise ArgumentError(f"{self.store.path}: expected the rows of one batch (a loader with batch_size={self.bs}, "
                              f"shuffle=False), found items of batches {np.unique(b)[:5].tolist()}")
         sl = min(self.bptt, self.stream_len - 1 - int(b[0]) * self.bptt)
         pos = (j * self.stream_len + int(b[0]) * self.bptt)[:, None] + np.arange(sl + 1)
@@ -231,8 +237,8 @@ class MemmapLMDataBunch(DataBunch):
         vocab : Vocab, list of str, int or None
             See `lm_vocab` (default: ``meta['itos']`` or ``meta['vocab_size']`` of the store).
         valid_pct, seed : float, int
-            Fraction of the *documents* (items) drawn at random for validation, unless `valid_rows`
-            (document numbers) is given.
+            Fraction of the *documents* (items) drawn at random for validation, in ``[0, 1)``, unless
+            `valid_rows` (document numbers) is given; `seed` (an int >= 0 or None) fixes the draw.
         bs, val_bs, bptt, backwards
             Streams per batch (train / validation), window length, read the streams backwards.
         num_workers, device, dl_tfms, **dl_kwargs
@@ -240,8 +246,10 @@ class MemmapLMDataBunch(DataBunch):
         item_path : path, optional
             fastai's ``path`` (``models/`` goes there); default: the store's parent.
 
-        Raises the errors of ``MemmapArray.open``, `LMStream` and `lm_vocab`.
+        Raises the errors of ``MemmapArray.open``, `LMStream` and `lm_vocab`; ``ArgumentError`` for a
+        `valid_pct` outside ``[0, 1)`` or a negative `seed`, ``ArgumentTypeError`` for non-numbers.
         """
+        _check_split(valid_pct, seed)
         store = open_store(path)
         vocab = lm_vocab(vocab, store)
         n = len(store)
@@ -264,3 +272,16 @@ class MemmapLMDataBunch(DataBunch):
     def loss_func(self) -> Any:
         "Flattened cross-entropy over ``(bs, sl, vocab)`` predictions and ``(bs, sl)`` targets."
         return CrossEntropyFlat()
+
+
+def _check_split(valid_pct: Any, seed: Any) -> None:
+    "Refuse a `valid_pct` outside ``[0, 1)`` (-0.2 would make 80% of the documents validation) or a bad `seed`."
+    if isinstance(valid_pct, (bool, np.bool_)) or not isinstance(valid_pct, (int, float, np.integer, np.floating)):
+        raise ArgumentTypeError(f"valid_pct: expected a number in [0, 1), found {valid_pct!r:.100}")
+    if not 0 <= valid_pct < 1:   # NaN fails too
+        raise ArgumentError(f"valid_pct: expected a fraction in [0, 1) of the documents, found {valid_pct!r}")
+    if seed is not None:
+        if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
+            raise ArgumentTypeError(f"seed: expected an int >= 0 or None, found {seed!r:.100}")
+        if seed < 0:
+            raise ArgumentError(f"seed: expected an int >= 0 or None, found {seed}")

@@ -14,6 +14,7 @@ import fastai_memmap  # noqa: F401  (applies the fastai compat fixes)
 from fastai.basic_train import Learner
 
 from fastai_memmap import MemmapArray, save_memmap
+from fastai_memmap.errors import ArgumentError, ArgumentTypeError, MemmapError
 from fastai_memmap.items import MemmapItemList
 from fastai_memmap.sampling import (BlockShuffle, BlockShuffleSampler, block_shuffle_order, shuffle_option,
                                     READAHEAD_WINDOWS)
@@ -92,13 +93,74 @@ def test_single_window_is_a_full_shuffle_of_a_small_dataset():
     assert np.array_equal(np.sort(order), np.arange(300)) and not np.array_equal(order, np.arange(300))
 
 
-@pytest.mark.parametrize("kwargs", [dict(block_rows=0), dict(window_blocks=0), dict(block_rows=2.5),
-                                    dict(num_replicas=0), dict(rank=2, num_replicas=2), dict(rank=-1),
-                                    dict(block_rows=True), dict(keys=np.arange(3))])
-def test_bad_sizes_are_refused(kwargs):
+BAD_ARGS = [  # (kwargs, error, words the message must hold)
+    (dict(block_rows=0), ArgumentError, ["block_rows", ">= 1", "found 0"]),
+    (dict(window_blocks=0), ArgumentError, ["window_blocks", "found 0"]),
+    (dict(block_rows=2.5), ArgumentTypeError, ["block_rows", "2.5"]),
+    (dict(block_rows=True), ArgumentTypeError, ["block_rows", "True"]),
+    (dict(num_replicas=0), ArgumentError, ["num_replicas", "found 0"]),
+    (dict(rank=2, num_replicas=2), ArgumentError, ["rank", "[0, 2)", "found 2"]),
+    (dict(rank=-1), ArgumentError, ["rank", "found -1"]),
+    (dict(rank="0"), ArgumentTypeError, ["rank", "'0'"]),
+    (dict(keys=np.arange(3)), ArgumentError, ["keys", "(10,)", "(3,)"]),
+    (dict(n=-1), ArgumentError, ["n >= 0", "found -1"]),
+    (dict(epoch=-1), ArgumentError, ["epoch >= 0", "found -1"]),
+    (dict(epoch=1.0), ArgumentTypeError, ["epoch", "1.0"]),
+    (dict(seed=-1), ArgumentError, ["seed", "[0, 2**63)", "found -1"]),
+    (dict(seed=2 ** 64), ArgumentError, ["seed", "[0, 2**63)", f"found {2 ** 64}"]),
+    (dict(seed=2 ** 63), ArgumentError, ["seed", f"found {2 ** 63}"]),
+    (dict(seed=1.5), ArgumentTypeError, ["seed", "1.5"]),
+]
+
+
+@pytest.mark.parametrize("kwargs,error,words", BAD_ARGS, ids=[str(c[0])[:30] for c in BAD_ARGS])
+def test_bad_arguments_are_refused_with_typed_errors(kwargs, error, words):
     args = dict(n=10, block_rows=4, window_blocks=2, seed=0, epoch=0, num_replicas=1, rank=0)
-    with pytest.raises(ValueError):
+    with pytest.raises(error) as ei:
         block_shuffle_order(**{**args, **kwargs})
+    assert isinstance(ei.value, MemmapError) and "expected" in str(ei.value)
+    assert all(w in str(ei.value) for w in words), str(ei.value)
+    sampler_args = {k: v for k, v in {**args, **kwargs}.items() if k != "seed" or v is not None}
+    with pytest.raises(error):   # the sampler checks the same arguments at construction
+        BlockShuffleSampler(**sampler_args)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(-2 ** 70, 2 ** 70))
+def test_a_seed_gives_its_own_order_or_is_refused(seed):
+    "Seeds never wrap onto another seed's order (2**64 used to give seed 0's order, -1 that of 2**64 - 1)."
+    if 0 <= seed < 2 ** 63:
+        order = block_shuffle_order(50, 4, 2, seed=seed)
+        assert np.array_equal(np.sort(order), np.arange(50))
+        assert np.array_equal(order, block_shuffle_order(50, 4, 2, seed=seed))
+    else:
+        with pytest.raises(ArgumentError, match=r"seed: expected an int in \[0, 2\*\*63\)"):
+            block_shuffle_order(50, 4, 2, seed=seed)
+        with pytest.raises(ArgumentError):
+            BlockShuffle(seed=seed)
+
+
+def test_bad_epochs_refused_by_set_epoch_and_order():
+    s = BlockShuffleSampler(10, 2, seed=0)
+    with pytest.raises(ArgumentError, match="epoch >= 0, found -1"):
+        s.set_epoch(-1)
+    with pytest.raises(ArgumentTypeError):
+        s.order(epoch="1")
+
+
+@pytest.mark.parametrize("make", [lambda: BlockShuffle(num_replicas=2, rank=1),
+                                  lambda: BlockShuffleSampler(50, 4, num_replicas=2, rank=0)])
+def test_distributed_sampling_refuses_a_seed_ranks_could_disagree_on(make):
+    "seed=None with 2 ranks: each drew its own order, so the ranks trained 37 of 50 rows (parts overlapped)."
+    with pytest.raises(ArgumentError, match="seed: expected an int shared by every rank with num_replicas=2, "
+                                            "found None"):
+        make()
+
+
+def test_one_process_still_draws_a_seed_and_ranks_with_one_seed_cover_every_row():
+    assert BlockShuffle().seed is None and BlockShuffleSampler(10, 2).seed >= 0
+    parts = [list(BlockShuffleSampler(50, 4, seed=3, num_replicas=2, rank=r)) for r in range(2)]
+    assert sorted(parts[0] + parts[1]) == list(range(50))
 
 
 # ------------------------------------------------------------------------------------------ the sampler
@@ -185,13 +247,16 @@ def test_failing_prefetch_warns_and_the_epoch_goes_on():
 
 @pytest.mark.parametrize("value", ["blocks", False, 1, None])
 def test_shuffle_option_refuses_unknown_values(value):
-    with pytest.raises(ValueError, match="shuffle"):
+    with pytest.raises(ArgumentError, match="shuffle"):
         shuffle_option(value)
 
 
-@pytest.mark.parametrize("kwargs", [dict(block_bytes=0), dict(window_blocks=-1), dict(num_replicas=2, rank=2)])
-def test_block_shuffle_option_validates(kwargs):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("kwargs,error", [(dict(block_bytes=0), ArgumentError), (dict(window_blocks=-1), ArgumentError),
+                                          (dict(num_replicas=2, rank=2, seed=0), ArgumentError),
+                                          (dict(readahead="yes"), ArgumentTypeError),
+                                          (dict(block_bytes=1.5), ArgumentTypeError)])
+def test_block_shuffle_option_validates(kwargs, error):
+    with pytest.raises(error, match="expected"):
         BlockShuffle(**kwargs)
 
 
