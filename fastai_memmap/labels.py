@@ -78,8 +78,8 @@ class MemmapCategoryProcessor(PreProcessor):
         if lo < 0 or hi >= len(self.classes):
             k = int(np.flatnonzero((codes < 0) | (codes >= len(self.classes)))[0])
             raise LabelError(f"{ds.store.path}: expected class codes in [0, {len(self.classes)}) for classes "
-                             f"{self.classes[:5]}..., found code {int(codes[k])} in row {int(ds.items[k])} "
-                             f"(codes from {lo} to {hi}); pass every class name in `classes`")
+                             f"{self.classes[:5]}..., found codes from {lo} to {hi} (first: code {int(codes[k])} in "
+                             f"row {int(ds.items[k])}); pass every class name in `classes`")
 
 
 class MemmapLabelList(MemmapItemList):

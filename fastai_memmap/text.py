@@ -256,6 +256,10 @@ class MemmapLMDataBunch(DataBunch):
         if valid_rows is None:
             perm = np.random.default_rng(seed).permutation(n)
             valid_rows = np.sort(perm[:int(valid_pct * n)])
+            if not len(valid_rows):
+                raise ArgumentError(f"{store.path}: expected valid_pct to select at least one of the {n} documents "
+                                    f"for validation, found valid_pct={valid_pct!r} selecting none; raise it or "
+                                    "pass valid_rows")
         valid_rows = norm_rows(valid_rows, n, store.path)[1]
         train_rows = np.setdiff1d(np.arange(n, dtype=np.int64), valid_rows)
         kw = dict(bptt=bptt, backwards=backwards, vocab_size=len(vocab.itos))

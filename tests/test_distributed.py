@@ -59,3 +59,70 @@ def test_two_ranks_split_every_epoch_exactly(tmp_path):
     assert not np.array_equal(orders[0], orders[1])                           # a new permutation per epoch
     w0, w1 = (np.load(tmp_path / f"rank{r}_weights.npy") for r in (0, 1))
     np.testing.assert_allclose(w0, w1, rtol=1e-6, atol=1e-7)                  # DDP kept the ranks in sync
+
+
+# ---------------------------------------------------------------- refused upfront (issue 12)
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from fastai_memmap.errors import ArgumentError, ArgumentTypeError  # noqa: E402
+
+
+@pytest.fixture
+def one_rank(tmp_path):
+    "A one-process gloo group in this process, destroyed afterwards."
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
+    try:
+        yield tmp_path
+    finally:
+        dist.destroy_process_group()
+
+
+def test_no_process_group_refused():
+    from fastai_memmap.distributed import to_memmap_distributed
+    assert not dist.is_initialized()
+    with pytest.raises(ArgumentError, match="expected an initialised torch.distributed process group"):
+        to_memmap_distributed(object())
+
+
+def test_language_model_bunch_refused_before_fit(one_rank):
+    "An LM bunch used to die inside `fit` (the block sampler mixed the rows of different batches)."
+    from fastai.basic_train import Learner
+    from fastai_memmap.distributed import MemmapDistributedTrainer, to_memmap_distributed
+    from fastai_memmap.text import MemmapLMDataBunch
+    docs = [np.arange(2, 2 + n % 30).astype(np.int32) for n in range(20, 60)]
+    data = MemmapLMDataBunch.from_memmap(save_memmap(one_rank / "c", docs, kind="ragged"), vocab=40, bs=2, bptt=4,
+                                         valid_pct=0.2, seed=0)
+    learn = Learner(data, torch.nn.Linear(1, 1))
+    with pytest.raises(ArgumentError, match="found a language-model bunch"):
+        to_memmap_distributed(learn)
+    assert not any(isinstance(cb, MemmapDistributedTrainer) for cb in learn.callbacks)   # learn left unchanged
+
+
+@pytest.mark.parametrize("kwargs,error,words", [
+    (dict(seed=None, block_size=4), ArgumentError, "expected options among"),
+    (dict(seed=-1), ArgumentError, "seed: expected an int in [0, 2**63)"),
+    (dict(seed="7"), ArgumentTypeError, "seed"),
+    (dict(window_blocks=0), ArgumentError, "window_blocks"),
+])
+def test_bad_options_refused_before_any_change(one_rank, kwargs, error, words):
+    from fastai_memmap.distributed import to_memmap_distributed
+
+    class FakeLearner:
+        callbacks = []
+        data = None
+    with pytest.raises(error) as ei:
+        to_memmap_distributed(FakeLearner(), **kwargs)
+    assert words in str(ei.value) and FakeLearner.callbacks == []
+
+
+@pytest.mark.parametrize("args,error", [((10, 0, 0), ArgumentError), ((10, 2, 2), ArgumentError),
+                                        ((-1, 1, 0), ArgumentError), ((10, 2, 1.0), ArgumentTypeError)])
+def test_rank_slice_sampler_refuses_bad_ranks(args, error):
+    "num_replicas=0 used to raise ZeroDivisionError."
+    from fastai_memmap.distributed import RankSliceSampler
+    with pytest.raises(error, match="expected"):
+        RankSliceSampler(*args)
+    parts = [list(RankSliceSampler(10, 3, r)) for r in range(3)]
+    assert sum(parts, []) == list(range(10))

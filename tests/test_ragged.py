@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -19,12 +20,13 @@ from hypothesis import example, given, settings, strategies as st
 import fastai_memmap  # noqa: F401  (applies the fastai compat fixes)
 from fastai.basic_train import Learner, load_learner
 from fastai_memmap import MemmapArray, MemmapItemList, MemmapWriter, save_memmap
-from fastai_memmap.errors import (FormatError, ItemShapeError, MemmapError, OffsetsError, RowIndexError,
-                                  RowIndexTypeError, ShardMismatchError, StoreNotFoundError, TruncatedStoreError)
+from fastai_memmap.errors import (ArgumentError, ArgumentTypeError, FormatError, ItemShapeError, LabelError,
+                                  LossyCastError, MemmapError, OffsetsError, RowIndexError, RowIndexTypeError,
+                                  ShardMismatchError, StoreNotFoundError, TruncatedStoreError, WriterStateError)
 from fastai_memmap.format import MANIFEST_NAME, read_npy_header
 from fastai_memmap.padding import BucketSampler, RaggedCollate, RaggedDataBunch, pad_ragged
 from fastai_memmap.ragged import RaggedArray, RaggedWriter, check_offsets, ragged_ranges
-from fastai_memmap.ragged_items import RaggedItem, RaggedItemList
+from fastai_memmap.ragged_items import RaggedItem, RaggedItemList, RaggedProcessor
 
 
 
@@ -129,7 +131,7 @@ def test_save_memmap_conversions(lengths, seed):
 
 
 def test_empty_iterable_needs_dtype(tmp_path):
-    with pytest.raises(ValueError, match="empty iterable"):
+    with pytest.raises(ArgumentError, match="expected items or a dtype, found an empty iterable"):
         save_memmap(tmp_path / "e", [], kind="ragged")
     a = MemmapArray.open(save_memmap(tmp_path / "e", [], kind="ragged", dtype="f4", item_shape=(2,)))
     assert len(a) == 0 and a.trailing_shape == (2,) and a.lengths().shape == (0,)
@@ -488,3 +490,160 @@ def test_bucketing_off_and_processor_checks(token_stores, tmp_path):
     with pytest.raises(ValueError, match="output"):
         MemmapItemList.from_memmap(path / "x", output="lens")
     assert repr(RaggedCollate()) == "RaggedCollate(pad_value=0, pad_first=False, output='lengths')"
+
+
+# ---------------------------------------------------------------- nothing silently changed (issue 12)
+pad_values = st.one_of(st.integers(-2 ** 64, 2 ** 64), st.floats(allow_nan=True, allow_infinity=True),
+                       st.sampled_from([0.5, -1.0, 2.0 ** 63, 2 ** 63 - 1, -2 ** 63, True, np.int8(3), np.float32(1.5)]))
+
+
+@settings(max_examples=80, deadline=None)
+@given(pad_value=pad_values, integer=st.booleans())
+def test_pad_value_is_refused_unless_the_batch_holds_it_exactly(pad_value, integer):
+    "pad_value=0.5 on integer items used to pad with 0 (a real token id); 2**63 wrapped."
+    data = np.arange(1, 4, dtype=np.int32 if integer else np.float32)
+    v = pad_value.item() if isinstance(pad_value, np.generic) else pad_value
+    if integer:
+        fits = (isinstance(v, (bool, int)) or (np.isfinite(v) and float(v).is_integer())) and -2 ** 63 <= v < 2 ** 63
+    else:
+        fits = not np.isfinite(v) or abs(v) <= np.finfo(np.float32).max
+    if not fits:
+        with pytest.raises(LossyCastError, match="pad_value: expected .*found"):
+            pad_ragged(data, np.array([1, 2]), pad_value=pad_value)
+        return
+    x, _ = pad_ragged(data, np.array([1, 2]), pad_value=pad_value)
+    pad = x[0, 1].item()
+    assert pad == v or (v != v and pad != pad) or (not integer and pad == np.float32(v))
+
+
+@pytest.mark.parametrize("pad_value", ["0", [0], None, 1j])
+def test_pad_value_of_another_type_refused(pad_value):
+    with pytest.raises(ArgumentTypeError, match="pad_value: expected a real number"):
+        pad_ragged(np.arange(3), np.array([1, 2]), pad_value=pad_value)
+    with pytest.raises(ArgumentTypeError):
+        RaggedCollate(pad_value=pad_value)
+
+
+def test_item_list_refuses_a_pad_value_its_batches_cannot_hold(token_stores, tmp_path):
+    path, _, _ = token_stores
+    with pytest.raises(LossyCastError, match=r"pad_value: expected an integer .*found 0.5"):
+        MemmapItemList.from_memmap(path / "x", pad_value=0.5)     # refused at construction, before any batch
+    f = save_memmap(tmp_path / "f", [np.zeros(3, "f4")], kind="ragged")
+    x = MemmapItemList.from_memmap(f, pad_value=0.5).get_batch(np.array([0]))[0]
+    assert x.dtype == torch.float32                                # float items: 0.5 pads exactly
+
+
+@pytest.fixture(scope="module")
+def int_stores(tmp_path_factory):
+    root = tmp_path_factory.mktemp("int_stores")
+    return {dt: MemmapArray.open(save_memmap(root / dt, [np.zeros(2, dt)], kind="ragged"))
+            for dt in ("i1", "u1", "i2", "u8", "?")}
+
+
+@settings(max_examples=80, deadline=None)
+@given(dt=st.sampled_from(["i1", "u1", "i2", "u8", "?"]),
+       values=st.one_of(st.lists(st.integers(-2 ** 63, 2 ** 64 - 1), min_size=1, max_size=5),
+                        st.lists(st.floats(-1e3, 1e3), min_size=1, max_size=5)))
+def test_predict_input_is_refused_unless_the_store_dtype_holds_it(int_stores, dt, values):
+    "A ragged `predict` on an int8 store fed token 300 as 44."
+    proc = RaggedProcessor(type("DS", (), {"store": int_stores[dt]})())
+    dtype = np.dtype(dt)
+    lo, hi = (0, 1) if dt == "?" else (int(np.iinfo(dtype).min), int(np.iinfo(dtype).max))
+    fits = all(float(v).is_integer() and lo <= v <= hi for v in values)
+    a = np.array(values, np.float64 if isinstance(values[0], float) else
+                 (np.uint64 if any(v >= 2 ** 63 for v in values) else np.int64))
+    if not fits:
+        with pytest.raises(LossyCastError, match=rf"predict: expected values that {dtype} holds exactly.*found"):
+            proc.process_one(a)
+        return
+    item = proc.process_one(a)
+    assert item.data.dtype == torch.int64 and item.data.tolist() == [int(v) for v in values]
+
+
+def test_learner_predict_on_an_int8_store_refuses_token_300(tmp_path):
+    x = save_memmap(tmp_path / "x", [np.arange(n % 5 + 1, dtype=np.int8) for n in range(40)], kind="ragged")
+    save_memmap(tmp_path / "y", np.arange(40, dtype=np.int64) % 2)
+    data = (MemmapItemList.from_memmap(x).split_by_rand_pct(0.2, seed=0)
+            .label_from_memmap(tmp_path / "y").databunch(bs=8, num_workers=0))
+    learn = Learner(data, MeanEmbed(vocab=400))
+    with pytest.raises(LossyCastError, match=r"expected values that int8 holds exactly .*found 300 at element 1"):
+        learn.predict(np.array([1, 300, 2]))
+    assert str(learn.predict(np.array([1, 100, 2]))[0]) in ("0", "1")
+
+
+def test_block_shuffle_on_a_ragged_list_delivers_each_training_item_at_most_once(token_stores, monkeypatch):
+    "shuffle='block' used to crash (\"multiple values for keyword argument 'shuffle'\") and readahead warned."
+    path, items, lengths = token_stores
+    calls = []
+    real = MemmapArray.advise
+    monkeypatch.setattr(MemmapArray, "advise", lambda self, hint, rows=None: (calls.append((self, hint, rows)),
+                                                                          real(self, hint, rows))[1])
+    ll = MemmapItemList.from_memmap(path / "x", pad_value=-1).split_by_idx(list(range(250, 300))) \
+        .label_from_memmap(path / "y")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        data = ll.databunch(bs=16, num_workers=0, shuffle="block")
+        from fastai_memmap.sampling import BlockShuffleSampler
+        assert isinstance(data.train_dl.dl.sampler, BlockShuffleSampler)
+        for _ in range(2):
+            seen = []
+            for (xb, lb), yb in data.train_dl:
+                assert yb.tolist() == (lb > 12).long().tolist()
+                for row, n in zip(xb.tolist(), lb.tolist()):
+                    assert row[:n] == list(range(1, n + 1)) and all(v == -1 for v in row[n:])
+                seen += lb.tolist()
+            assert len(seen) == 250 // 16 * 16 and not Counter(seen) - Counter(lengths[:250].tolist())
+    assert not [w for w in caught if "readahead" in str(w.message)]
+    store = ll.train.x.store                    # readahead covered every element of the training items
+    want = store.element_index(np.asarray(ll.train.x.items))[0]
+    got = np.unique(np.concatenate([np.asarray(r) for p, h, r in calls
+                                    if p is store.elements and h in ("willneed", "populate") and r is not None]))
+    gap = max(1, (256 << 10) // store.elements.manifest.row_bytes)
+    pos = np.clip(np.searchsorted(got, want), 1, len(got) - 1)
+    assert (np.minimum(np.abs(got[pos] - want), np.abs(got[pos - 1] - want)) <= gap).all()
+
+
+def test_advise_covers_every_element_of_long_items(tmp_path):
+    "Items longer than the advise gap: the sampled rows stay within one gap of each other, end to end."
+    a = MemmapArray.open(save_memmap(tmp_path / "r", [np.zeros(n, "f8") for n in (0, 70000, 3, 100000)],
+                                     kind="ragged", shard_rows=2))
+    rows = np.array([3, 1, 0])
+    sample = np.unique(a._element_sample(rows, a.elements.manifest.row_bytes))
+    want = a.element_index(rows)[0]
+    assert sample.min() == want.min() and sample.max() == want.max() and set(sample) <= set(want)
+    segments = np.split(np.sort(want), np.flatnonzero(np.diff(np.sort(want)) > 1) + 1)
+    gap = (256 << 10) // 8
+    for seg in segments:
+        s = sample[(sample >= seg[0]) & (sample <= seg[-1])]
+        assert s[0] == seg[0] and s[-1] == seg[-1] and (np.diff(s) <= gap).all()
+    a.advise("willneed", rows)
+    a.advise("random")
+    assert a.elements._access == "random"
+
+
+@pytest.mark.parametrize("make,error,words", [
+    (lambda: BucketSampler([1, 2], 0), ArgumentError, "bs >= 1"),
+    (lambda: BucketSampler([1, 2], 1.5), ArgumentTypeError, "bs to be an int"),
+    (lambda: pad_ragged(np.arange(3), np.array([3]), output="lens"), ArgumentError, "output"),
+    (lambda: RaggedCollate(output="lens"), ArgumentError, "output"),
+])
+def test_bad_padding_arguments_refused_with_typed_errors(make, error, words):
+    with pytest.raises(error, match=words):
+        make()
+
+
+def test_writer_errors_are_typed(tmp_path):
+    with pytest.raises(ArgumentError, match="expected kind='ragged'"):
+        RaggedWriter(tmp_path / "x", "f4", kind="sparse")
+    with RaggedWriter(tmp_path / "x", "f4") as w:
+        w.append([np.zeros(2, "f4")])
+    with pytest.raises(WriterStateError, match="expected an open writer .*found one already closed"):
+        w.append_flat(np.zeros(2, "f4"), [2])
+    with pytest.raises(ArgumentError, match="validate: expected one of"):
+        MemmapArray.open(tmp_path / "x", validate="sometimes")
+
+
+def test_ragged_label_store_refused_at_labelling(token_stores):
+    path, _, _ = token_stores
+    with pytest.raises(LabelError, match="expected a label store of one row per item .*found a ragged store"):
+        MemmapItemList.from_memmap(path / "x").split_none().label_from_memmap(path / "x")

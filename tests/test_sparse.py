@@ -5,6 +5,7 @@ import hashlib
 import json
 import pickle
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,8 @@ import fastai_memmap  # noqa: F401  (applies the fastai compat fixes)
 from fastai.basic_data import DatasetType
 from fastai.basic_train import Learner, load_learner
 from fastai_memmap import MemmapArray, MemmapItemList, MemmapWriter, save_memmap
-from fastai_memmap.errors import ChecksumError, FormatError, ItemShapeError, OffsetsError, ShardMismatchError, SparseIndexError
+from fastai_memmap.errors import (ArgumentError, ArgumentTypeError, ChecksumError, FormatError, ItemShapeError,
+                                  OffsetsError, ShardMismatchError, SparseIndexError)
 from fastai_memmap.format import MANIFEST_NAME, read_npy_header
 from fastai_memmap.sparse import SparseArray, SparseWriter, csr_to_dense
 from fastai_memmap.sparse_items import SparseItem, SparseItemList, SparseLinear, sparse_batch
@@ -292,3 +294,93 @@ def test_sparse_linear_same_for_every_layout():
     assert torch.allclose(lin(x.to_sparse_coo()), dense, atol=1e-6)
     lin(x.to_sparse_csr()).sum().backward()
     assert lin.weight.grad is not None and torch.isfinite(lin.weight.grad).all()
+
+
+# ---------------------------------------------------------------- refused, never moved (issue 12)
+@settings(max_examples=60, deadline=None)
+@given(size=st.integers(1, 9), data=st.data())
+def test_csr_to_dense_refuses_indices_outside_the_row(size, data):
+    "An index >= size used to land in the next row (and -1 in the previous one); in range it expands like scipy."
+    lengths = data.draw(st.lists(st.integers(0, 4), min_size=1, max_size=6))
+    indptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    indices = np.array(data.draw(st.lists(st.integers(-3, size + 3), min_size=int(indptr[-1]),
+                                          max_size=int(indptr[-1]))), np.int64)
+    values = np.arange(1, len(indices) + 1, dtype=np.float32)
+    bad = np.flatnonzero((indices < 0) | (indices >= size))
+    if len(bad):
+        row = int(np.searchsorted(indptr, bad[0], side="right") - 1)
+        with pytest.raises(SparseIndexError) as ei:
+            csr_to_dense(indptr, indices, values, size)
+        msg = str(ei.value)
+        assert f"expected column indices in [0, {size})" in msg and f"found {indices[bad[0]]} in row {row}" in msg
+    else:
+        expect = sp.csr_matrix((values, indices, indptr), shape=(len(lengths), size)).toarray()
+        assert np.array_equal(csr_to_dense(indptr, indices, values, size), expect)
+
+
+@pytest.mark.parametrize("indptr,indices,values,error,words", [
+    ([1, 2], [0, 1], [1, 1], OffsetsError, "from 0"),
+    ([0, 2, 1], [0, 1], [1, 1], OffsetsError, "non-decreasing"),
+    ([0, 1], [0, 1], [1, 1], OffsetsError, "len(indices) = 2"),
+    ([0, 2], [0, 1], [1], ItemShapeError, "one value per index (2), found 1"),
+])
+def test_csr_to_dense_refuses_inconsistent_parts(indptr, indices, values, error, words):
+    with pytest.raises(error) as ei:
+        csr_to_dense(np.array(indptr), np.array(indices), np.array(values, np.float32), 3)
+    assert words in str(ei.value)
+
+
+@pytest.mark.parametrize("layout", ["dense", "csr", "coo"])
+@pytest.mark.parametrize("width", [5, 11])
+def test_sparse_linear_refuses_a_batch_of_another_width(layout, width):
+    "SparseLinear(10, ...) used to take a width-5 CSR batch (its column indices pick the first 5 weight rows)."
+    x = torch.from_numpy(random_csr(3, width, 0.5, 1).toarray())
+    x = {"dense": x, "csr": x.to_sparse_csr(), "coo": x.to_sparse_coo()}[layout]
+    with pytest.raises(ItemShapeError, match=rf"expected a batch of shape \(bs, 10\) .*found \(3, {width}\)"):
+        SparseLinear(10, 2)(x)
+
+
+@pytest.mark.parametrize("args,error", [((-1, 2), ArgumentError), ((10, 2.5), ArgumentTypeError), ((True, 2), ArgumentTypeError)])
+def test_sparse_linear_refuses_bad_sizes(args, error):
+    with pytest.raises(error, match="expected"):
+        SparseLinear(*args)
+
+
+def test_unknown_output_refused_with_a_typed_error(sparse_stores):
+    path, _, _ = sparse_stores
+    with pytest.raises(ArgumentError, match=r"output: expected one of .*found 'lens'"):
+        MemmapItemList.from_memmap(path / "x", output="lens")
+    with pytest.raises(ArgumentError, match="output"):
+        sparse_batch(MemmapArray.open(path / "x"), [0], "lens")
+    with pytest.raises(ArgumentError, match="empty iterable"):
+        fastai_memmap.sparse.save_sparse(path / "e", iter([]))
+
+
+def test_block_shuffle_reads_ahead_every_value_and_index_silently(sparse_stores, monkeypatch):
+    "Sparse stores had no `advise`: readahead warned 'readahead failed' every epoch and read nothing ahead."
+    path, m, _ = sparse_stores
+    calls = []
+    real = MemmapArray.advise
+    monkeypatch.setattr(MemmapArray, "advise", lambda self, hint, rows=None: (calls.append((self, hint, rows)),
+                                                                          real(self, hint, rows))[1])
+    il = MemmapItemList.from_memmap(path / "x").split_by_idx(list(range(300, 400))).label_from_memmap(path / "y")
+    store = il.train.x.store
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        data = il.databunch(bs=32, num_workers=0, shuffle="block")
+        rows = [r for _ in range(2) for xb, _ in data.train_dl for r in xb.tolist()]
+    assert not [w for w in caught if "readahead" in str(w.message)]
+    dense = {tuple(r) for r in m.toarray()[np.asarray(il.train.x.items)].tolist()}
+    assert len(rows) == 2 * (300 // 32 * 32) and all(tuple(r) in dense for r in rows)
+    covered = {}
+    for part, hint, asked in calls:
+        if hint in ("willneed", "populate") and asked is not None:
+            covered.setdefault(id(part), set()).update(np.asarray(asked).tolist())
+    index_rows = store.pattern.element_index(np.asarray(il.train.x.items))[0]
+    for part in (store.pattern.elements, store.values):   # every element row falls in an advised range
+        got = np.array(sorted(covered[id(part)]))
+        gap = max(1, (256 << 10) // part.manifest.row_bytes)
+        pos = np.searchsorted(got, index_rows)
+        near = np.minimum(np.abs(got[np.clip(pos, 0, len(got) - 1)] - index_rows),
+                          np.abs(got[np.clip(pos - 1, 0, len(got) - 1)] - index_rows))
+        assert (near <= gap).all()

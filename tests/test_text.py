@@ -9,7 +9,8 @@ import torch
 
 import fastai_memmap  # noqa: F401  (applies the fastai compat fixes)
 from fastai_memmap import save_memmap
-from fastai_memmap.errors import FastaiCompatError, ItemShapeError, TokenIdError
+from fastai_memmap.errors import (ArgumentError, ArgumentTypeError, FastaiCompatError, ItemShapeError, RowIndexError,
+                                  TokenIdError)
 from fastai_memmap.ragged import RaggedArray
 from fastai_memmap.text import LMStream, MemmapLMDataBunch, import_fastai_text, lm_vocab
 
@@ -99,9 +100,53 @@ def test_bad_inputs_refused(corpus, tmp_path):
     with pytest.raises(ItemShapeError, match="integer token ids"):
         LMStream(floats)
     no_vocab = save_memmap(tmp_path / "n", [np.zeros(3, "i4")], kind="ragged")
-    with pytest.raises(ValueError, match="expected a vocab"):
+    with pytest.raises(ArgumentError, match="expected a vocab"):
         MemmapLMDataBunch.from_memmap(no_vocab)
     assert lm_vocab(3, store).itos == ["0", "1", "2"]
+    with pytest.raises(ArgumentError, match="expected a vocab size >= 1, found 0"):
+        lm_vocab(0, store)
+
+
+@pytest.mark.parametrize("kwargs,error,words", [
+    (dict(valid_pct=-0.2), ArgumentError, "valid_pct: expected a fraction in [0, 1) of the documents, found -0.2"),
+    (dict(valid_pct=1.0), ArgumentError, "found 1.0"),
+    (dict(valid_pct=1.5), ArgumentError, "found 1.5"),
+    (dict(valid_pct=float("nan")), ArgumentError, "found nan"),
+    (dict(valid_pct="0.1"), ArgumentTypeError, "valid_pct: expected a number"),
+    (dict(valid_pct=True), ArgumentTypeError, "valid_pct"),
+    (dict(seed=-1), ArgumentError, "seed: expected an int >= 0 or None, found -1"),
+    (dict(seed=0.5), ArgumentTypeError, "seed"),
+    (dict(bs=0), ArgumentError, "expected bs >= 1 and bptt >= 1, found bs=0"),
+    (dict(bptt=2.5), ArgumentTypeError, "bptt to be an int"),
+])
+def test_bad_split_and_sizes_refused_before_any_work(corpus, kwargs, error, words):
+    "valid_pct=-0.2 used to make 8 of 10 documents validation (perm[:int(-0.2 * n)] is all but the last 20%)."
+    path, _ = corpus
+    with pytest.raises(error) as ei:
+        MemmapLMDataBunch.from_memmap(path, **{"bs": 2, "bptt": 4, **kwargs})
+    assert words in str(ei.value), str(ei.value)
+
+
+@pytest.mark.parametrize("valid_pct", [0, 0.0, 0.005, 0.25, 0.999])
+def test_valid_pct_in_range_takes_that_fraction_of_documents(corpus, valid_pct):
+    path, docs = corpus
+    if int(valid_pct * len(docs)) == 0:   # no validation document: a stream cannot be built, say why
+        with pytest.raises(ArgumentError, match=f"at least one of the {len(docs)} documents .*selecting none"):
+            MemmapLMDataBunch.from_memmap(path, valid_pct=valid_pct, seed=0, bs=2, bptt=4)
+        return
+    data = MemmapLMDataBunch.from_memmap(path, valid_pct=valid_pct, seed=0, bs=2, bptt=4)
+    valid, train = data.valid_ds, data.train_ds
+    assert len(valid.rows) == int(valid_pct * len(docs)) and len(train.rows) == len(docs) - len(valid.rows)
+    assert not set(valid.rows.tolist()) & set(train.rows.tolist())
+
+
+def test_stream_items_out_of_range_or_of_two_batches_refused(corpus):
+    path, _ = corpus
+    ds = LMStream(RaggedArray.open(path), bs=2, bptt=4)
+    with pytest.raises(RowIndexError, match=rf"expected stream items in \[0, {len(ds)}\)"):
+        ds.__getitems__([len(ds)])
+    with pytest.raises(ArgumentError, match="expected the rows of one batch"):
+        ds.__getitems__([0, 2])
 
 
 def test_fastai_text_imports_without_spacy():
