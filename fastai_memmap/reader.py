@@ -97,6 +97,9 @@ class MemmapArray:
             return a
         if p.is_file():
             return cls._open_npy(p, max_open)
+        if p.is_symlink() and not p.exists():
+            raise StoreNotFoundError(f"{p}: expected a store directory or a .npy file, found a symlink that leads "
+                                     "nowhere (dangling, or a symlink loop)")
         raise StoreNotFoundError(f"{p}: no store here; expected a store directory or a .npy file")
 
     @classmethod
@@ -117,8 +120,8 @@ class MemmapArray:
         dtype, shape, offset = read_npy_header(fp)
         if dtype != m.dtype or tuple(shape[1:]) != m.item_shape or not shape or shape[0] != s.rows:
             raise ShardMismatchError(
-                f"{fp}: expected {describe(m.dtype, m.item_shape, s.rows)} as in the manifest, found "
-                f"shape {shape} {dtype.name}; shard replaced or manifest edited?")
+                f"{fp}: expected {describe(m.dtype, m.item_shape, s.rows)} ({m.dtype.str}) as in the manifest, found "
+                f"shape {shape} {dtype.name} ({dtype.str}); shard replaced or manifest edited?")
         ident = _ident(_check_size(fp, m, s.rows, offset))
         if ident != _ident(before):   # the header read may belong to another file than the size checked
             raise StoreChangedError(f"{fp}: expected the same file during open, found {_show(_ident(before))} "
@@ -303,6 +306,8 @@ class MemmapArray:
             row = self._view(k)[i - int(self._starts[k])]   # the per-item hot path: plain ndarray view
             return np.array(row, dtype=self.dtype)   # a copy; a scalar row loses its byte order without dtype
         if isinstance(key, slice):
+            if key.step == 0:
+                raise RowIndexError(f"{self.path}: expected a slice step other than 0, found {key!r:.100}")
             try:
                 r = range(len(self))[key]   # O(1): never materialise arange(len(self))
             except TypeError:
@@ -325,9 +330,11 @@ class MemmapArray:
         except (ValueError, TypeError) as e:   # ragged nested lists
             raise RowIndexTypeError(f"{self.path}: expected a 1-d sequence of integer row indices, found "
                                     f"{idx!r:.100} ({e})") from None
-        if a.dtype == object and a.ndim == 1 and all(isinstance(v, int) for v in a.tolist()):
-            bad = next(v for v in a.tolist() if not -len(self) <= v < len(self))   # beyond int64: out of range
-            raise RowIndexError(f"{self.path}: row {bad} out of range, expected -{len(self)} <= row < {len(self)}")
+        if a.dtype == object and a.ndim == 1 and all(type(v) is int for v in a.tolist()):
+            bad = [v for v in a.tolist() if not -len(self) <= v < len(self)]
+            if bad:   # beyond int64: out of range
+                raise RowIndexError(f"{self.path}: row {bad[0]} out of range, expected -{len(self)} <= row < {len(self)}")
+            a = np.array(a.tolist(), dtype=np.int64)   # valid Python ints in an object array: read them
         if a.dtype == bool:
             if a.shape != (len(self),):
                 raise RowIndexError(f"{self.path}: expected a boolean mask of shape ({len(self)},), found {a.shape}")
@@ -361,6 +368,9 @@ class MemmapArray:
         shape = (len(idx),) + self.item_shape
         if out is None:
             out = np.empty(shape, self.dtype)
+        elif not isinstance(out, np.ndarray):
+            raise RowIndexTypeError(f"{self.path}: expected out a numpy array of shape {shape} {self.dtype}, "
+                                    f"found {type(out).__name__}")
         elif out.shape != shape or out.dtype != self.dtype or not out.flags.writeable:
             raise RowIndexError(f"{self.path}: expected out of shape {shape} {self.dtype}, writable, found "
                                 f"{out.shape} {out.dtype}{'' if out.flags.writeable else ', read-only'}")

@@ -402,3 +402,36 @@ def test_os_errors_when_staging_are_wrapped(tmp_path, monkeypatch, err):
         save_memmap(tmp_path / "s", np.arange(3))
     assert ei.value.errno == err and str(tmp_path / "s") in str(ei.value)
     assert ("read-only" if err == errno.EROFS else "permission") in str(ei.value)
+
+
+# ----------------------------------------------------------------------------------- reader arguments
+def test_reader_bad_arguments_typed(tmp_path):
+    save_memmap(tmp_path / "s", np.arange(10))
+    a = MemmapArray.open(tmp_path / "s")
+    from fastai_memmap.errors import RowIndexError, RowIndexTypeError
+    with pytest.raises(RowIndexError, match="step"):
+        a[::0]
+    with pytest.raises(RowIndexTypeError, match="list"):
+        a.read([1, 2], out=[0, 0])
+    np.testing.assert_array_equal(a[np.array([3, 1], dtype=object)], [3, 1])   # valid rows, object dtype
+    got = list(map(lambda i: a[np.array([i], dtype=object)][0], range(10)))    # no StopIteration ends map()
+    assert got == list(range(10))
+    with pytest.raises(RowIndexError):
+        a[np.array([2 ** 70], dtype=object)]
+
+
+def test_reader_symlink_loop_typed(tmp_path):
+    (tmp_path / "l1").symlink_to(tmp_path / "l2")
+    (tmp_path / "l2").symlink_to(tmp_path / "l1")
+    with pytest.raises(MemmapError, match="symlink loop"):
+        MemmapArray.open(tmp_path / "l1")
+
+
+def test_big_endian_shard_message_shows_byte_order(tmp_path):
+    save_memmap(tmp_path / "s", np.arange(4, dtype="<f4"))
+    shard = tmp_path / "s" / "shard-000000.npy"
+    raw = shard.read_bytes()
+    shard.write_bytes(raw.replace(b"'<f4'", b"'>f4'", 1))
+    with pytest.raises(MemmapError) as ei:
+        MemmapArray.open(tmp_path / "s")
+    assert "<f4" in str(ei.value) and ">f4" in str(ei.value)
