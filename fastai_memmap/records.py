@@ -35,6 +35,7 @@ Disk and atomicity: everything is built in a hidden directory ``.NAME.fmtmp-PID-
 renamed to `out` at the end; after a crash nothing partial is at `out`.
 """
 import functools
+import os
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional, Sequence, Tuple, Union
 
@@ -105,8 +106,11 @@ def _parse_procs(procs: Sequence[Any]) -> Dict[str, Any]:
             if strat not in (FillStrategy.MEDIAN, FillStrategy.CONSTANT):
                 raise TabularError(f"procs: FillMissing fill_strategy {strat!r} is not supported out of core; "
                                    "use FillStrategy.MEDIAN (exact) or FillStrategy.CONSTANT")
+            fill_val = kw.get("fill_val", 0.0)
+            if isinstance(fill_val, bool) or not isinstance(fill_val, (int, float, np.number)) or not np.isfinite(fill_val):
+                raise TabularError(f"procs: FillMissing fill_val: expected a finite number, found {fill_val!r:.50}")
             opts.update(fill_strategy="median" if strat == FillStrategy.MEDIAN else "constant",
-                        fill_val=float(kw.get("fill_val", 0.0)), add_col=bool(kw.get("add_col", True)))
+                        fill_val=float(fill_val), add_col=bool(kw.get("add_col", True)))
     if "Normalize" in names and "FillMissing" in names and names.index("Normalize") < names.index("FillMissing"):
         raise TabularError("procs: expected FillMissing before Normalize (fastai's order); found Normalize first")
     return {"procs": tuple(names), **opts}
@@ -129,7 +133,7 @@ def tabular_to_memmap(source: Any, out: Union[str, Path], cat_names: Optional[Se
                       seed: Optional[int] = None, y_kind: Optional[str] = None,
                       state: Union[TabularState, str, Path, None] = None, file_format: Optional[str] = None,
                       read_kwargs: Optional[Dict[str, Any]] = None, overwrite: bool = False, progress: bool = True,
-                      total: Optional[int] = None) -> Path:
+                      total: Optional[int] = None, missing_y: str = "error") -> Path:
     """Process a table out of core as fastai's ``TabularList`` would, and write it as a tabular store.
 
     Parameters
@@ -161,7 +165,13 @@ def tabular_to_memmap(source: Any, out: Union[str, Path], cat_names: Optional[Se
         For a path source; default from the suffix.
     read_kwargs : dict, optional
         Extra ``pd.read_csv`` arguments. pandas' default float parser may differ from the written
-        text in the last bit; ``{'float_precision': 'round_trip'}`` reads floats exactly.
+        text in the last bit; ``{'float_precision': 'round_trip'}`` reads floats exactly. A CSV line
+        with more fields than the header is a ``FormatError``, unless ``usecols`` is given here (then
+        pandas reads those columns and ignores extra fields).
+    missing_y : {'error', 'keep'}
+        A missing target (an empty cell, None, NaN) is a ``ColumnValueError`` by default; ``'keep'``
+        stores it as code -1 (categorical: ``label_from_memmap`` drops such rows with a warning, as
+        fastai drops unknown labels) or NaN (float targets).
     overwrite : bool
         Replace an existing `out` (atomically).
     progress, total : bool, int
@@ -182,12 +192,16 @@ def tabular_to_memmap(source: Any, out: Union[str, Path], cat_names: Optional[Se
     ColumnTypeError (a TypeError)
         Text in a continuous column, text and numbers mixed in a categorical column...
     ColumnValueError
-        A continuous column with no training value (median undefined), or missing values in a column
+        No training rows (an empty or header-only source, every row in validation); a continuous column
+        with no training value (median undefined) or fewer than 2 (std undefined); ``inf`` in a
+        continuous column or target; a missing target (see `missing_y`); missing values in a column
         that had none in training.
     StoreExistsError, WriterConflictError, StoreWriteError, SourceNotFoundError, FormatError
         As the writer and readers do. On any error nothing is written at `out`.
     """
     out = Path(out)
+    if missing_y not in ("error", "keep"):
+        raise TabularError(f"missing_y: expected 'error' or 'keep', found {missing_y!r}")
     split = _Split(valid_idx, valid_pct, valid_col, seed)
     if state is not None:
         state = _load_state(state)
@@ -198,6 +212,7 @@ def tabular_to_memmap(source: Any, out: Union[str, Path], cat_names: Optional[Se
     else:
         job = _Fit(_names(cat_names, "cat_names"), _names(cont_names, "cont_names"), _names(y_names, "y_names"),
                    _parse_procs(procs), y_kind, split, chunksize)
+    job.missing_y, job.source = missing_y, _source_name(source)
     total = total if total is not None else (_count_rows(source, file_format) if progress else None)
     frames = iter_frames(source, chunksize, file_format, read_kwargs, job.columns)
     with _Staging(out, overwrite) as stage:
@@ -208,14 +223,36 @@ def tabular_to_memmap(source: Any, out: Union[str, Path], cat_names: Optional[Se
 
 
 def _load_state(state: Any) -> TabularState:
-    "A `TabularState`, the state of an open `TabularStore`, or the state saved in a store directory."
+    "A `TabularState`, the state of an open `TabularStore`, or the state saved in a store directory (validated)."
     if isinstance(getattr(state, "state", None), TabularState):
-        return state.state
-    return state if isinstance(state, TabularState) else read_tabular_json(state)[1]
+        state = state.state
+    if not isinstance(state, TabularState):
+        return read_tabular_json(state)[1]
+    state._validate("state=")
+    return state
+
+
+def _source_name(source: Any) -> str:
+    "How messages name the source: its path, or its type."
+    return str(source) if isinstance(source, (str, os.PathLike)) else f"source ({type(source).__name__})"
+
+
+def _check_y(df: pd.DataFrame, names: Sequence[str], start: int, job: Any) -> None:
+    "Refuse a missing target unless ``missing_y='keep'``: it would become no class (or a NaN target) silently."
+    if job.missing_y == "keep":
+        return
+    for c in names:
+        miss = df[c].isna().to_numpy()
+        if miss.any():
+            i = int(np.flatnonzero(miss)[0])
+            raise ColumnValueError(f"{job.source}: target column {c!r}, row {start + i}: expected a label, found a missing "
+                                   f"value ({int(miss.sum())} in rows {start}..{start + len(df) - 1}); drop or fill those "
+                                   "rows, or pass missing_y='keep' to store them as unlabelled (code -1 / NaN)")
 
 
 class _Apply:
     "One pass: encode every chunk with an already fitted state (test sets)."
+    missing_y, source = "error", "source"     # set by tabular_to_memmap
 
     def __init__(self, state: TabularState, y_names: Tuple[str, ...], split: _Split):
         if y_names and y_names != state.y_names:
@@ -237,11 +274,12 @@ class _Apply:
             for df in frames:
                 where = f"rows {start}..{start + len(df) - 1}: "
                 _check_columns(df, self.columns, where.rstrip(": "))
-                cats, conts = encode_frame(df, st, maps, where)
+                cats, conts = encode_frame(df, st, maps, where, start)
                 w.cats.append(cats)
                 w.conts.append(conts)
                 if self.y_names:
-                    w.y.append(ymap.encode(df[st.y_names[0]]) if ymap else _y_floats(df, st.y_names))
+                    _check_y(df, st.y_names, start, self)
+                    w.y.append(ymap.encode(df[st.y_names[0]]) if ymap else _y_floats(df, st.y_names, where, start))
                 self.n_valid += w.add_valid(self.split, df, start)
                 start += len(df)
                 bar.update(start)
@@ -251,8 +289,16 @@ class _Apply:
         return start, st
 
 
-def _y_floats(df: pd.DataFrame, names: Sequence[str]) -> np.ndarray:
-    a = _cont_matrix(df, names).astype(np.float32)
+def _y_floats(df: pd.DataFrame, names: Sequence[str], where: str, start: int) -> np.ndarray:
+    a = _cont_matrix(df, names, where, start)
+    with np.errstate(over="ignore"):
+        a32 = a.astype(np.float32)
+    over = np.isinf(a32)
+    if over.any():
+        i, j = (int(k[0]) for k in np.nonzero(over))
+        raise ColumnValueError(f"{where}target column {names[j]!r}, row {start + i}: value {a[i, j]!r} overflows the "
+                               "store's float32; rescale the target")
+    a = a32
     return a[:, 0] if len(names) == 1 else a
 
 
@@ -260,6 +306,7 @@ class _Fit:
     """Pass 1 reads the source once: provisional category codes, raw floats and the train mask are staged
     on disk while vocabularies and null counts accumulate. Then the state is fitted from the staged values
     (medians by radix selection, then means and stds) and pass 2 turns the staged rows into the final stores."""
+    missing_y, source = "error", "source"     # set by tabular_to_memmap
 
     def __init__(self, cat_names, cont_names, y_names, opts, y_kind, split: _Split, chunksize: int):
         if not cat_names and not cont_names:
@@ -305,36 +352,42 @@ class _Fit:
         return start, st
 
     def _chunk(self, df: pd.DataFrame, start: int, scratch: _Scratch, w: _Writers) -> None:
-        _check_columns(df, self.columns, f"rows {start}..{start + len(df) - 1}")
+        where = f"rows {start}..{start + len(df) - 1}"
+        _check_columns(df, self.columns, where)
         valid = self.split.mask(df, start)
         train = ~valid
         cats = np.empty((len(df), len(self.cat_names)), np.int64)
         for j, v in enumerate(self.vocabs):
             cats[:, j] = v.encode(df[v.name], train)
-        raw = _cont_matrix(df, self.cont_names)
+        raw = _cont_matrix(df, self.cont_names, f"{self.source}: {where}: ", start)
         miss = np.isnan(raw)
         self.nulls["train"] += miss[train].sum(0)
         self.nulls["valid"] += miss[valid].sum(0)
         self.n_train += int(train.sum())
-        y = self._y_chunk(df, train, w)
+        y = self._y_chunk(df, train, w, start)
         scratch.append(len(df), cats=cats, conts=raw, y=y, train=train)
         self.n_valid += w.add_valid(self.split, df, start, valid)
 
-    def _y_chunk(self, df: pd.DataFrame, train: np.ndarray, w: _Writers) -> np.ndarray:
+    def _y_chunk(self, df: pd.DataFrame, train: np.ndarray, w: _Writers, start: int) -> np.ndarray:
         if not self.y_names:
             return np.zeros(0, np.int64)
+        _check_y(df, self.y_names, start, self)
         if self.y_kind is None:   # fastai's rule: the first label decides
             first = df[self.y_names[0]]
             self.y_kind = "float" if len(self.y_names) > 1 or first.dtype.kind == "f" else "category"
         if self.y_kind == "float":
             if w.y is None:
                 w.open_y(self.y_names, "float", None)
-            w.y.append(_y_floats(df, self.y_names))
+            w.y.append(_y_floats(df, self.y_names, f"{self.source}: ", start))
             return np.zeros(0, np.int64)
         return self.yvocab.encode(df[self.y_names[0]], train)
 
     # -------------------------------------------------------------- fit
     def _fit(self, scratch: _Scratch) -> Tuple[TabularState, Dict[str, Any]]:
+        if self.n_train == 0:
+            raise ColumnValueError(f"{self.source}: expected training rows to fit the state on, found none ({scratch.rows} "
+                                   f"row(s), {self.n_valid} of them validation); classes, fill values, means and stds "
+                                   "fitted on no rows are undefined: check the source (header only?) and the split")
         classes, luts = {}, {}
         for v in self.vocabs:
             classes[v.name], luts[v.name] = v.finish()
@@ -386,13 +439,24 @@ class _Fit:
             return {}, {}
         mom = _Moments(len(self.cont_names))
         fill = np.array([fills.get(c, np.nan) for c in self.cont_names])
-        for raw, train in scratch.chunks(("conts", "train"), STATS_BLOCK_ROWS):
-            x = raw[train]
-            x = np.where(np.isnan(x), fill, x)
-            for j in range(x.shape[1]):
-                mom.add(j, x[~np.isnan(x[:, j]), j])
-        return ({c: float(mom.mean[j]) for j, c in enumerate(self.cont_names)},
-                {c: mom.std(j) for j, c in enumerate(self.cont_names)})
+        with np.errstate(over="ignore", invalid="ignore"):   # overflow is refused below, with the column named
+            for raw, train in scratch.chunks(("conts", "train"), STATS_BLOCK_ROWS):
+                x = raw[train]
+                x = np.where(np.isnan(x), fill, x)
+                for j in range(x.shape[1]):
+                    mom.add(j, x[~np.isnan(x[:, j]), j])
+        few = {c: int(mom.n[j]) for j, c in enumerate(self.cont_names) if mom.n[j] < 2}
+        if few:
+            raise ColumnValueError(f"{self.source}: column(s) {sorted(few)}: Normalize needs at least 2 training values "
+                                   f"for a std, found {sorted(few.values())}; drop them from cont_names, fill them, or "
+                                   "leave Normalize out of procs")
+        means = {c: float(mom.mean[j]) for j, c in enumerate(self.cont_names)}
+        stds = {c: mom.std(j) for j, c in enumerate(self.cont_names)}
+        bad = [c for c in self.cont_names if not (np.isfinite(means[c]) and np.isfinite(stds[c]))]
+        if bad:
+            raise ColumnValueError(f"{self.source}: column(s) {bad}: mean or std overflows float64 (values near "
+                                   "1e154 or beyond); rescale them")
+        return means, stds
 
     # -------------------------------------------------------------- pass 2
     def _write(self, scratch: _Scratch, st: TabularState, luts: Dict[str, Any], w: _Writers, progress: bool) -> None:

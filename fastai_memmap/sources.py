@@ -14,7 +14,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from .errors import ColumnNotFoundError, FormatError, SourceNotFoundError, TabularError
+from .errors import ColumnNotFoundError, FormatError, MemmapError, SourceNotFoundError, TabularError
 
 __all__ = ["iter_frames", "DEFAULT_CHUNKSIZE"]
 
@@ -118,19 +118,70 @@ def _file_frames(path: Path, chunksize: int, file_format: Optional[str], kw: Dic
     if _file_format(path, file_format) == "jsonl":
         yield from _record_frames(_json_records(path), chunksize, f"{path}: record")
         return
-    if columns is not None and "usecols" not in kw:
-        header = pd.read_csv(path, nrows=0, **kw).columns
-        missing = [c for c in columns if c not in header]
-        if missing:
-            raise ColumnNotFoundError(f"{path}: expected column(s) {missing} in the CSV header, found {list(header)[:20]}")
-        kw["usecols"] = list(columns)
-    with pd.read_csv(path, chunksize=chunksize, **kw) as reader:
-        for df in reader:
-            yield df
-            del df
+    # Every column is parsed (no ``usecols``): with ``usecols`` pandas ignores the fields a line has beyond
+    # the header, silently. A caller who wants that passes ``read_kwargs={'usecols': [...]}`` explicitly.
+    strict = "usecols" not in kw and "index_col" not in kw
+    with _csv_errors(path, kw):
+        if columns is not None:
+            header = pd.read_csv(path, nrows=0, **kw).columns
+            missing = [c for c in columns if c not in header]
+            if missing:
+                raise ColumnNotFoundError(f"{path}: expected column(s) {missing} in the CSV header, found {list(header)[:20]}")
+        with pd.read_csv(path, chunksize=chunksize, **kw) as reader:
+            start = 0
+            for df in reader:
+                if strict:
+                    _check_no_implicit_index(df, path, start)
+                if columns is not None and strict:
+                    df = df[list(columns)]
+                start += len(df)
+                yield df
+                del df
+
+
+def _check_no_implicit_index(df: pd.DataFrame, path: Path, start: int) -> None:
+    "pandas takes the first column as the index when the first data line has more fields than the header."
+    if len(df) and (not isinstance(df.index, pd.RangeIndex) or df.index.start != start):
+        raise FormatError(f"{path}: line 2: expected as many fields as the header's {len(df.columns)}, found more "
+                          "(pandas would shift the columns, taking the first as an index); fix the line (a "
+                          "trailing delimiter?), or pass read_kwargs={'usecols': [...]} to read only the listed "
+                          "columns and ignore extra fields")
+
+
+class _csv_errors:
+    "Context manager: pandas' and the codec's errors on a CSV file as `FormatError`s naming the file."
+
+    def __init__(self, path: Path, kw: Dict[str, Any]):
+        self.path, self.encoding = path, kw.get("encoding", "utf-8")
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc is None or isinstance(exc, MemmapError) or not isinstance(exc, Exception):
+            return False
+        if isinstance(exc, pd.errors.EmptyDataError):
+            raise FormatError(f"{self.path}: expected a CSV file with a header line, found an empty file") from None
+        if isinstance(exc, UnicodeDecodeError):
+            raise FormatError(f"{self.path}: expected text in {self.encoding}, found an undecodable byte "
+                              f"{exc.object[exc.start:exc.start + 1]!r} ({exc.reason}); pass read_kwargs={{'encoding': ...}} (e.g. "
+                              "'latin-1')") from None
+        if isinstance(exc, pd.errors.ParserError):
+            raise FormatError(f"{self.path}: expected a well-formed CSV file, found: {str(exc).strip()}; a line "
+                              "with more fields than the header? fix it, or pass read_kwargs={'usecols': [...]} "
+                              "to read only the listed columns and ignore extra fields") from None
+        return False
 
 
 def _json_records(path: Path) -> Iterator[dict]:
+    try:
+        yield from _json_lines(path)
+    except UnicodeDecodeError as e:
+        raise FormatError(f"{path}: expected UTF-8 JSON lines, found an undecodable byte ({e.reason}); "
+                          "JSON text is UTF-8: re-encode the file") from None
+
+
+def _json_lines(path: Path) -> Iterator[dict]:
     with open(path, encoding="utf8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():

@@ -27,7 +27,7 @@ from fastai.core import listify  # noqa: E402
 from fastai.data_block import EmptyLabelList, ItemList, ItemLists, LabelList, PreProcessor  # noqa: E402
 from fastai.tabular.data import TabularDataBunch, TabularLine, def_emb_sz  # noqa: E402
 
-from .errors import FormatError, ItemShapeError, MemmapError  # noqa: E402
+from .errors import FormatError, ItemShapeError  # noqa: E402
 from .items import RowIndex, open_store  # noqa: E402
 from .labels import MemmapCategoryList, MemmapFloatList, label_cls_for, read_scalars  # noqa: E402
 from .reader import MemmapArray  # noqa: E402
@@ -130,13 +130,16 @@ class MemmapTabularProcessor(PreProcessor):
         Unknown or missing categories give code 0 (``'#na#'``); missing continuous values are filled as
         in training. Raises ``ColumnNotFoundError`` (a ``KeyError``) for a missing column,
         ``ColumnTypeError`` for a value of the wrong type, ``ColumnValueError`` for a missing value in a
-        column that had none in training.
+        column that had none in training, for ``inf``, or for a state with null means, stds or fill values.
         """
         if isinstance(item, TabularLine):
             return item
         st = self.state
+        if st is None:
+            raise TabularError("predict: MemmapTabularProcessor has no fitted state; build the list with from_memmap")
         row = _row_dict(item, st.cat_names + st.cont_names)
         if self._maps is None:
+            st._validate("predict: fitted state")   # null means/stds would turn every prediction into NaN
             self._maps = cat_maps(st)
         cats, conts = encode_frame(pd.DataFrame({c: [row[c]] for c in row}), st, self._maps, "predict: ")
         return TabularLine(cats[0], conts[0], _classes(st), list(st.col_names))
@@ -222,7 +225,7 @@ class MemmapTabularList(ItemList):
 
     def _store(self) -> TabularStore:
         if self.store is None:
-            raise MemmapError(f"{self.__class__.__name__} has no store (an empty list built by load_learner?); "
+            raise TabularError(f"{self.__class__.__name__} has no store (an empty list built by load_learner?); "
                               "pass raw rows to learn.predict, or build the list with from_memmap")
         return self.store
 

@@ -67,10 +67,20 @@ def _cont_column(s: pd.Series, name: str) -> np.ndarray:
                           f"{found}; fix the data, or list {name!r} in cat_names")
 
 
-def _cont_matrix(df: pd.DataFrame, names: Sequence[str]) -> np.ndarray:
+def _cont_matrix(df: pd.DataFrame, names: Sequence[str], where: str = "", start: int = 0) -> np.ndarray:
+    """float64 ``(len(df), len(names))`` of continuous columns, NaN for missing values.
+
+    Raises ``ColumnTypeError`` (text...) and ``ColumnValueError`` for ``inf``/``-inf``: no statistic nor
+    model input can use them (a mean of inf, a normalised inf, give NaN predictions)."""
     out = np.empty((len(df), len(names)), np.float64)
     for j, c in enumerate(names):
         out[:, j] = _cont_column(df[c], c)
+    bad = np.isinf(out)
+    if bad.any():
+        i, j = (int(k[0]) for k in np.nonzero(bad))
+        raise ColumnValueError(f"{where}column {names[j]!r}, row {start + i}: expected a finite number or a missing "
+                               f"value, found {out[i, j]} ({int(bad[:, j].sum())} such value(s) in this chunk); "
+                               "replace them (e.g. by NaN, which FillMissing fills)")
     return out
 
 
@@ -178,22 +188,30 @@ def encode_conts(raw: np.ndarray, state: TabularState, where: str = "") -> Tuple
         m = np.array([state.means[c] for c in state.cont_names])
         s = np.array([state.stds[c] for c in state.cont_names])
         raw = (raw - m) / (EPS + s)
-    return na, raw.astype(np.float32)
+    with np.errstate(over="ignore"):       # refused just below, with the column named
+        out = raw.astype(np.float32)
+    over = np.isinf(out)
+    if over.any():
+        i, j = (int(k[0]) for k in np.nonzero(over))
+        raise ColumnValueError(f"{where}column {state.cont_names[j]!r}: value {raw[i, j]!r} (row {i} of the chunk, after "
+                               "FillMissing and Normalize) overflows the store's float32; rescale the column")
+    return na, out
 
 
 def encode_frame(df: pd.DataFrame, state: TabularState, maps: Optional[List["_ClassMap"]] = None,
-                 where: str = "") -> Tuple[np.ndarray, np.ndarray]:
+                 where: str = "", start: int = 0) -> Tuple[np.ndarray, np.ndarray]:
     """Encode raw rows with a fitted `state`: ``(cats, conts)``, int64 ``(n, n_cat)`` and float32 ``(n, n_cont)``.
 
-    Unknown or missing categories get 0 (``'#na#'``). Raises ``ColumnNotFoundError``,
-    ``ColumnTypeError``, ``ColumnValueError``.
+    Unknown or missing categories get 0 (``'#na#'``). `start` is the global row number of ``df``'s first
+    row (for messages). Raises ``ColumnNotFoundError``, ``ColumnTypeError``, ``ColumnValueError``
+    (``inf``, a value overflowing float32, a missing value FillMissing has no fill value for).
     """
     _check_columns(df, state.cat_names + state.cont_names, where.rstrip(": ") or "rows")
     maps = maps if maps is not None else cat_maps(state)
     cats = np.empty((len(df), len(state.cat_names)), np.int64)
     for j, (c, m) in enumerate(zip(state.cat_names, maps)):
         cats[:, j] = m.encode(df[c])
-    na, conts = encode_conts(_cont_matrix(df, state.cont_names), state, where)
+    na, conts = encode_conts(_cont_matrix(df, state.cont_names, where, start), state, where)
     return np.concatenate([cats, na], 1), conts
 
 

@@ -24,7 +24,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 
 import numpy as np
 
-from .errors import FormatError, StoreNotFoundError
+from .errors import ColumnValueError, FormatError, StoreNotFoundError
 
 __all__ = ["TabularState", "read_tabular_json", "TABULAR_FORMAT", "TABULAR_VERSION", "STATE_NAME", "NA_CLASS",
            "PROC_NAMES"]
@@ -42,8 +42,23 @@ def _jfloat(x: float) -> Optional[float]:
     return x if np.isfinite(x) else None
 
 
-def _ufloat(x: Any) -> float:
-    return float("nan") if x is None else float(x)
+def _ufloat(x: Any, where: str, key: str) -> float:
+    "A number read from JSON (null: NaN, refused later where a number is needed); ``FormatError`` otherwise."
+    if x is None:
+        return float("nan")
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise FormatError(f"{where}: expected a number or null for {key}, found {x!r:.50}")
+    try:
+        return float(x)
+    except OverflowError:      # an int too large for a float: not a usable statistic
+        raise FormatError(f"{where}: expected a float for {key}, found an integer of {x.bit_length()} bits") from None
+
+
+def _classes_of(v: Any, where: str, key: str) -> Tuple[Any, ...]:
+    "A list of class values (str, int, float, bool) read from JSON, as a tuple; ``FormatError`` otherwise."
+    if not isinstance(v, list) or not all(isinstance(c, (str, int, float, bool)) for c in v):
+        raise FormatError(f"{where}: expected {key} to be a list of str, int, float or bool values, found {v!r:.100}")
+    return tuple(v)
 
 
 @dataclass(frozen=True)
@@ -108,20 +123,21 @@ class TabularState:
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "tabular state") -> "TabularState":
-        "Validate a dict written by `to_dict` and build the state; raises ``FormatError``."
+        """Validate a dict written by `to_dict` and build the state; raises ``FormatError`` (malformed) or
+        ``ColumnValueError`` (null/non-finite means, stds or fill values: NaN predictions)."""
         if not isinstance(d, dict):
             raise FormatError(f"{where}: expected a JSON object, found {type(d).__name__}")
         names = {k: _str_list(d, k, where) for k in ("cat_names", "cont_names", "procs", "y_names")}
         maps = {k: _dict_of(d, k, where) for k in ("classes", "fill_values", "means", "stds")}
         st = cls(cat_names=names["cat_names"], cont_names=names["cont_names"], procs=names["procs"],
-                 classes={k: tuple(v) for k, v in maps["classes"].items()},
-                 fill_values={k: _ufloat(v) for k, v in maps["fill_values"].items()},
-                 fill_strategy=d.get("fill_strategy", "median"), fill_val=_ufloat(d.get("fill_val", 0.0)),
+                 classes={k: _classes_of(v, where, f"classes[{k!r}]") for k, v in maps["classes"].items()},
+                 fill_values={k: _ufloat(v, where, f"fill_values[{k!r}]") for k, v in maps["fill_values"].items()},
+                 fill_strategy=d.get("fill_strategy", "median"), fill_val=_ufloat(d.get("fill_val", 0.0), where, "fill_val"),
                  add_col=bool(d.get("add_col", True)),
-                 means={k: _ufloat(v) for k, v in maps["means"].items()},
-                 stds={k: _ufloat(v) for k, v in maps["stds"].items()},
+                 means={k: _ufloat(v, where, f"means[{k!r}]") for k, v in maps["means"].items()},
+                 stds={k: _ufloat(v, where, f"stds[{k!r}]") for k, v in maps["stds"].items()},
                  y_names=names["y_names"], y_kind=d.get("y_kind"),
-                 y_classes=None if d.get("y_classes") is None else tuple(d["y_classes"]))
+                 y_classes=None if d.get("y_classes") is None else _classes_of(d["y_classes"], where, "y_classes"))
         st._validate(where)
         return st
 
@@ -137,10 +153,28 @@ class TabularState:
         if self.normalize and not set(self.cont_names) <= set(self.means) & set(self.stds):
             raise FormatError(f"{where}: expected means and stds for every continuous column {list(self.cont_names)}, "
                               f"found means for {sorted(self.means)}, stds for {sorted(self.stds)}")
+        self._validate_numbers(where)
         if self.y_kind not in (None, "category", "float"):
             raise FormatError(f"{where}: expected y_kind 'category', 'float' or null, found {self.y_kind!r}")
         if self.y_kind == "category" and self.y_classes is None:
             raise FormatError(f"{where}: expected y_classes for categorical targets, found null")
+
+
+    def _validate_numbers(self, where: str) -> None:
+        "Refuse statistics that would turn every prediction into NaN: null (non-finite) means, stds, fill values."
+        used = [("fill value", self.fill_values, list(self.fill_values))]
+        if self.normalize:
+            used += [("mean", self.means, self.cont_names), ("std", self.stds, self.cont_names)]
+        for what, values, names in used:
+            bad = {c: values[c] for c in names if not _finite(values.get(c))}
+            if bad:
+                raise ColumnValueError(f"{where}: expected a finite {what} for continuous column(s) {sorted(bad)}, found "
+                                       f"{list(bad.values())[:5]} (null in JSON: fitted on fewer rows than it needs?); "
+                                       "every prediction would be NaN: convert the training data again")
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and bool(np.isfinite(x))
 
 
 def _str_list(d: dict, key: str, where: str) -> Tuple[str, ...]:
@@ -168,7 +202,7 @@ def read_tabular_json(path: Union[str, Path]) -> Tuple[Dict[str, Any], TabularSt
         doc = json.loads(fp.read_bytes().decode("utf8"))
     except FileNotFoundError:
         raise StoreNotFoundError(f"{fp}: not found; expected a tabular store written by tabular_to_memmap") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:   # JSONDecodeError, UnicodeDecodeError, int digits limit, nesting
         raise FormatError(f"{fp}: expected UTF-8 JSON, found unparsable content ({e})") from None
     if not isinstance(doc, dict) or doc.get("format") != TABULAR_FORMAT:
         raise FormatError(f"{fp}: expected format {TABULAR_FORMAT!r}, found {doc.get('format') if isinstance(doc, dict) else doc!r:.80}")

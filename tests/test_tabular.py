@@ -19,7 +19,7 @@ from fastai_memmap.tabular import (ColumnNotFoundError, ColumnTypeError, ColumnV
                                    TabularError, TabularStore, tabular_to_memmap)
 from fastai_memmap.records import (TabularState, _float_keys, _key_float, _RankSelector, iter_frames,
                                    read_tabular_json)
-from fastai_memmap.errors import MemmapError, StoreExistsError
+from fastai_memmap.errors import FormatError, MemmapError, StoreExistsError
 from fastai_memmap.reader import MemmapArray
 from fastai.basic_data import DatasetType
 from fastai.basic_train import load_learner
@@ -307,6 +307,8 @@ def test_predict_row_matches_fastai_process_one(data, table, change):
     ({"b": "3"}, ColumnTypeError, "b"),
     ({"a": ["x"]}, ColumnTypeError, "a"),
     ({"f": None}, ColumnValueError, "f"),
+    ({"d": np.inf}, ColumnValueError, "d"),          # inf would give a NaN prediction
+    ({"c": -np.inf}, ColumnValueError, "c"),
 ])
 def test_predict_bad_rows(data, table, row_change, err, name):
     row = table.iloc[0].to_dict()
@@ -416,6 +418,194 @@ def test_rank_selector_is_exact(values, budget, data):
             break
     assert sel.result is not None
     assert _key_float(sel.result) == np.partition(x, k)[k]
+
+
+# ------------------------------------------------------------------------------------------ nothing lost, nothing changed
+def _leaves_nothing(tmp_path, out):
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir() if ".fmtmp-" in p.name] == []
+
+
+def test_header_only_csv_is_not_fitted(tmp_path):
+    "A header-only CSV, or a split with every row in validation, fits on no rows: refused, nothing committed."
+    csv = tmp_path / "head.csv"
+    csv.write_text("a,c,y\n")
+    out = tmp_path / "s"
+    with pytest.raises(ColumnValueError, match=r"head\.csv: expected training rows .* found none \(0 row"):
+        tabular_to_memmap(csv, out, ["a"], ["c"], "y", progress=False)
+    _leaves_nothing(tmp_path, out)
+    df = pd.DataFrame({"a": ["x", "y"], "c": [1.0, 2.0], "y": ["p", "q"], "v": [True, True]})
+    with pytest.raises(ColumnValueError, match=r"found none \(2 row\(s\), 2 of them validation"):
+        tabular_to_memmap(df, out, ["a"], ["c"], "y", valid_col="v", progress=False)
+    _leaves_nothing(tmp_path, out)
+
+
+def test_empty_header_only_test_set_applies(store, tmp_path):
+    "Applying a fitted state to no rows fits nothing: an empty test store is valid."
+    csv = tmp_path / "head.csv"
+    csv.write_text(",".join(CATS + CONTS) + "\n")
+    tabular_to_memmap(csv, tmp_path / "t", state=store, progress=False)
+    assert len(TabularStore.open(tmp_path / "t")) == 0
+
+
+def test_statistics_need_values(tmp_path):
+    "Normalize on a column with fewer than 2 training values (std undefined) is refused, naming the column."
+    df = pd.DataFrame({"a": ["x", "y", "z"], "c": [1.0, np.nan, np.nan], "k": [1.0, 2.0, 3.0], "y": ["p", "q", "p"]})
+    out = tmp_path / "s"
+    with pytest.raises(ColumnValueError, match=r"\['c'\]: Normalize needs at least 2 training values .* found \[1\]"):
+        tabular_to_memmap(df, out, ["a"], ["c", "k"], "y", procs=[Categorify, Normalize], progress=False)
+    _leaves_nothing(tmp_path, out)
+    df = pd.DataFrame({"a": ["x", "y"], "c": [1e300, -1e300], "y": ["p", "q"]})
+    with pytest.raises(ColumnValueError, match="'c'.*overflows"):
+        tabular_to_memmap(df, out, ["a"], ["c"], "y", progress=False)
+    with pytest.raises(ColumnValueError, match="'c'.*overflows the store's float32"):
+        tabular_to_memmap(df, out, ["a"], ["c"], "y", procs=[FillMissing, Categorify], progress=False)
+    _leaves_nothing(tmp_path, out)
+    with pytest.raises(TabularError, match="fill_val: expected a finite number, found inf"):
+        tabular_to_memmap(df, out, ["a"], ["c"], "y", progress=False,
+                          procs=[partial(FillMissing, fill_strategy=FillStrategy.CONSTANT, fill_val=np.inf), Categorify])
+
+
+@pytest.mark.parametrize("col", ["c", "r"])
+def test_inf_input_refused_at_conversion(table, tmp_path, col):
+    "inf in a continuous column (or a float target) would make means, stds and predictions NaN: refused with its row."
+    df = table.copy()
+    df.loc[1234, col] = np.inf
+    out = tmp_path / "s"
+    y = "r" if col == "r" else "y"
+    with pytest.raises(ColumnValueError, match=rf"'{col}', row 1234: expected a finite number .* found inf"):
+        tabular_to_memmap(df, out, CATS, CONTS, y, chunksize=500, progress=False)
+    _leaves_nothing(tmp_path, out)
+
+
+def test_inf_input_refused_with_a_fitted_state(table, store, tmp_path):
+    df = table.iloc[:100].copy()
+    df.loc[42, "d"] = -np.inf
+    with pytest.raises(ColumnValueError, match=r"rows 0\.\.99: column 'd', row 42"):
+        tabular_to_memmap(df, tmp_path / "t", state=store, progress=False)
+    _leaves_nothing(tmp_path, tmp_path / "t")
+
+
+def _edit_state(store, tmp_path, **change):
+    "A copy of `store` whose tabular.json state has `change` applied (dict keys -> {col: value})."
+    import shutil
+    dst = tmp_path / "edited"
+    shutil.copytree(store, dst)
+    doc = json.loads((dst / "tabular.json").read_text())
+    for k, v in change.items():
+        doc["state"][k] = {**doc["state"][k], **v} if isinstance(v, dict) else v
+    (dst / "tabular.json").write_text(json.dumps(doc))
+    return dst
+
+
+@pytest.mark.parametrize("change, err, match", [
+    ({"means": {"c": None}}, ColumnValueError, r"finite mean for continuous column\(s\) \['c'\]"),
+    ({"stds": {"d": None}}, ColumnValueError, r"finite std for continuous column\(s\) \['d'\]"),
+    ({"fill_values": {"c": None}}, ColumnValueError, r"finite fill value for continuous column\(s\) \['c'\]"),
+    ({"stds": {"d": "1.0"}}, FormatError, r"expected a number or null for stds\['d'\], found '1.0'"),
+    ({"means": {"c": 10 ** 400}}, FormatError, r"means\['c'\]"),
+    ({"y_classes": 3}, FormatError, "y_classes to be a list"),
+    ({"classes": {"a": ["#na#", {"x": 1}]}}, FormatError, r"classes\['a'\]"),
+])
+def test_hostile_state_refused_at_load(store, tmp_path, change, err, match):
+    "Null (non-finite) statistics give NaN predictions; malformed ones escape as builtins: both typed, naming the file."
+    bad = _edit_state(store, tmp_path, **change)
+    with pytest.raises(err, match=match) as e:
+        TabularStore.open(bad)
+    assert "tabular.json" in str(e.value) and isinstance(e.value, MemmapError)
+    with pytest.raises(err):
+        tabular_to_memmap(pd.DataFrame({c: [] for c in CATS + CONTS}), tmp_path / "t", state=bad, progress=False)
+
+
+def test_null_statistics_refused_at_predict(data, table, store, tmp_path):
+    "A processor carrying NaN stds (built by hand, or unpickled from an export) refuses to predict NaN."
+    import dataclasses
+    from fastai_memmap.tabular import MemmapTabularProcessor
+    st = data.train_ds.x.state
+    bad = dataclasses.replace(st, stds={**st.stds, "d": float("nan")})
+    with pytest.raises(ColumnValueError, match=r"predict: fitted state: expected a finite std .*\['d'\]"):
+        MemmapTabularProcessor(state=bad).process_one(table.iloc[0].to_dict())
+    blob = pickle.dumps(MemmapTabularProcessor(state=bad))
+    with pytest.raises(ColumnValueError, match="exported processor"):
+        pickle.loads(blob)
+    with pytest.raises(ColumnValueError, match=r"state=: expected a finite std"):
+        tabular_to_memmap(table.iloc[:5], tmp_path / "t", state=bad, progress=False)
+
+
+def test_csv_extra_fields_are_an_error_or_explicit(tmp_path):
+    "pandas' usecols hid a line with more fields than the header: now an error naming the file, or explicit usecols."
+    csv = tmp_path / "extra.csv"
+    csv.write_text("a,c,y,unused\nx,1.0,p,0\nz,2.0,q,0,LOST\ny,3.0,p,0\n")
+    out = tmp_path / "s"
+    with pytest.raises(FormatError, match=r"extra\.csv: .*Expected 4 fields in line 3, saw 5"):
+        tabular_to_memmap(csv, out, ["a"], ["c"], "y", procs=[Categorify], progress=False)
+    _leaves_nothing(tmp_path, out)
+    first = tmp_path / "first.csv"            # extra field on the first data line: pandas shifts every column
+    first.write_text("a,c,y\nx,1.0,p,LOST\nz,2.0,q\n")
+    with pytest.raises(FormatError, match=r"first\.csv: line 2: expected as many fields as the header's 3"):
+        tabular_to_memmap(first, out, ["a"], ["c"], "y", procs=[Categorify], progress=False)
+    _leaves_nothing(tmp_path, out)
+    tabular_to_memmap(csv, out, ["a"], ["c"], "y", procs=[Categorify], progress=False,
+                      read_kwargs={"usecols": ["a", "c", "y"]})        # the explicit opt-in keeps pandas' reading
+    assert len(TabularStore.open(out)) == 3
+
+
+def test_csv_unused_columns_do_not_change_the_store(table, store, tmp_path):
+    "Reading every CSV column (to see extra fields) gives the same store as before, whatever the chunking."
+    csv = tmp_path / "t.csv"
+    table.assign(zz="unused text").to_csv(csv, index=False)
+    tabular_to_memmap(csv, tmp_path / "s", CATS, CONTS, "y", chunksize=300, valid_idx=VALID, progress=False,
+                      read_kwargs={"float_precision": "round_trip"})
+    assert_same_store(store, tmp_path / "s")
+
+
+@pytest.mark.parametrize("content, match", [
+    (b"", r"empty\.csv: expected a CSV file with a header line, found an empty file"),
+    (b"a,c,y\nx,1.0,p\n\xff\xfe,2.0,q\n", r"empty\.csv: expected text in utf-8, found an undecodable byte b'\\xff'"),
+])
+def test_empty_or_undecodable_csv_is_typed(tmp_path, content, match):
+    csv = tmp_path / "empty.csv"
+    csv.write_bytes(content)
+    with pytest.raises(FormatError, match=match):
+        tabular_to_memmap(csv, tmp_path / "s", ["a"], ["c"], "y", progress=False)
+    _leaves_nothing(tmp_path, tmp_path / "s")
+    with pytest.raises(FormatError, match=match):
+        list(iter_frames(csv))
+
+
+def test_undecodable_jsonl_is_typed(tmp_path):
+    p = tmp_path / "x.jsonl"
+    p.write_bytes(b'{"a": "x"}\n{"a": "\xff"}\n')
+    with pytest.raises(FormatError, match=r"x\.jsonl: expected UTF-8 JSON lines"):
+        list(iter_frames(p))
+
+
+@pytest.mark.parametrize("kind", ["category", "float"])
+def test_missing_labels_are_an_error_or_explicit(tmp_path, kind):
+    "An empty label cell was silently no class (or a NaN regression target): refused unless missing_y='keep'."
+    csv = tmp_path / "l.csv"
+    csv.write_text("a,c,y\nx,1.0,1\nz,2.0,\ny,3.0,1\nw,4.0,2\n")
+    out = tmp_path / "s"
+    with pytest.raises(ColumnValueError, match=r"l\.csv: target column 'y', row 1: expected a label, found a missing"):
+        tabular_to_memmap(csv, out, ["a"], ["c"], "y", y_kind=kind, chunksize=2, progress=False)
+    _leaves_nothing(tmp_path, out)
+    tabular_to_memmap(csv, out, ["a"], ["c"], "y", y_kind=kind, progress=False, missing_y="keep")
+    y = TabularStore.open(out).y[:]
+    if kind == "category":
+        np.testing.assert_array_equal(y, [0, -1, 0, 1])
+    else:
+        np.testing.assert_array_equal(y, [1, np.nan, 1, 2])
+    with pytest.raises(TabularError, match="missing_y: expected 'error' or 'keep', found 'drop'"):
+        tabular_to_memmap(csv, tmp_path / "t", ["a"], ["c"], "y", progress=False, missing_y="drop")
+
+
+def test_missing_labels_in_a_test_set(table, store, tmp_path):
+    df = table.iloc[:50].copy()
+    df.loc[7, "y"] = None
+    with pytest.raises(ColumnValueError, match="target column 'y', row 7"):
+        tabular_to_memmap(df, tmp_path / "t", y_names="y", state=store, progress=False)
+    tabular_to_memmap(df, tmp_path / "t", y_names="y", state=store, progress=False, missing_y="keep")
+    assert TabularStore.open(tmp_path / "t").y[7] == -1
 
 
 # ------------------------------------------------------------------------------------------ peak memory
