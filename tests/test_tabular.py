@@ -650,3 +650,42 @@ def test_peak_rss_bounded_by_chunk_not_table(tmp_path):
         grow[mode] = json.loads(out.stdout.strip().splitlines()[-1])
     assert grow["stream"] < 0.5 * grow["whole"], grow
     assert len(TabularStore.open(tmp_path / "s")) == n
+
+
+# ------------------------------------------------------------------------------------------ x / y / state as a group
+def test_outputs_commit_as_a_group(table, store, tmp_path, monkeypatch):
+    """cats, conts, y, valid and tabular.json are built in one hidden directory renamed once: when the y store
+    fails (here its class list is over the manifest's meta limit, which the reader would refuse), no output
+    appears, and a store being replaced (overwrite=True) stays as it was, byte for byte."""
+    import fastai_memmap.format as fmt
+    out = tmp_path / "s"
+    tabular_to_memmap(table.iloc[:300], out, CATS, CONTS, "y", progress=False)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    many = table.assign(y=[f"label-{i:05d}-" + "x" * 40 for i in range(len(table))])
+    monkeypatch.setattr(fmt, "MAX_META_BYTES", 50_000)     # 2000 classes of ~50 bytes: over it
+    with pytest.raises(FormatError, match=r"y: expected meta of at most 50,000 bytes"):
+        tabular_to_memmap(many, out, CATS, CONTS, "y", valid_idx=VALID, overwrite=True, progress=False)
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert [p.name for p in tmp_path.iterdir() if ".fmtmp-" in p.name] == []
+    with pytest.raises(FormatError):
+        tabular_to_memmap(many, tmp_path / "new", CATS, CONTS, "y", valid_idx=VALID, progress=False)
+    _leaves_nothing(tmp_path, tmp_path / "new")
+    monkeypatch.undo()
+    tabular_to_memmap(many, tmp_path / "new", CATS, CONTS, "y", valid_idx=VALID, progress=False)   # under the limit: opens
+    assert len(TabularStore.open(tmp_path / "new").state.y_classes) == len(table) - len(VALID)
+
+
+def test_failure_after_x_is_written_leaves_nothing(table, tmp_path, monkeypatch):
+    "A failure while the y rows are appended (x already complete in the build directory) commits nothing."
+    from fastai_memmap import writer as wr
+    real = wr.MemmapWriter.append
+
+    def append(self, batch):
+        if self.path.name == "y":
+            raise OSError(28, "No space left on device (injected)")
+        return real(self, batch)
+    monkeypatch.setattr(wr.MemmapWriter, "append", append)
+    out = tmp_path / "s"
+    with pytest.raises(OSError):
+        tabular_to_memmap(table, out, CATS, CONTS, "y", valid_idx=VALID, chunksize=500, progress=False)
+    _leaves_nothing(tmp_path, out)
