@@ -448,7 +448,7 @@ class Manifest:
 
 
 def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"non-standard JSON token {name}")
+    raise FormatError(f"non-standard JSON token {name}")
 
 
 def parse_json(raw: bytes, where: str) -> Any:

@@ -13,7 +13,7 @@ from fastai.core import ItemBase
 from fastai.data_block import ItemList, PreProcessor
 
 from .batching import FastLabelList, MemmapDataBunch
-from .errors import ItemShapeError, MemmapError, ShardMismatchError
+from .errors import ArgumentError, ItemShapeError, MemmapError, ShardMismatchError, StoreNotFoundError, UnsupportedDtypeError
 from .format import describe
 from .ragged import RaggedArray
 from .reader import MemmapArray
@@ -210,6 +210,10 @@ class MemmapItemList(ItemList):
         """
         store = open_store(path)
         cls = _list_class(cls, store)
+        if store.dtype.kind == "c":   # items are float32 tensors: the imaginary part would be dropped
+            raise UnsupportedDtypeError(f"{store.path}: expected a real dtype for {cls.__name__} (items are float32 "
+                                        f"tensors), found {store.dtype}; store the real and imaginary parts as two "
+                                        "channels (np.stack([z.real, z.imag], -1))")
         rows = np.arange(len(store), dtype=np.int64) if rows is None else RowIndex(rows, store)
         if len(rows) and (rows.min() < 0 or rows.max() >= len(store)):
             raise ItemShapeError(f"{store.path}: expected rows in [0, {len(store)}), found {rows.min()}..{rows.max()}")
@@ -220,7 +224,7 @@ class MemmapItemList(ItemList):
 
     def _store(self) -> MemmapArray:
         if self.store is None:
-            raise MemmapError(f"{self.__class__.__name__} has no store (an empty list built by load_learner?); "
+            raise StoreNotFoundError(f"{self.__class__.__name__} has no store (an empty list built by load_learner?); "
                               "pass raw rows to learn.predict, or build the list with from_memmap")
         return self.store
 
@@ -254,7 +258,7 @@ class MemmapItemList(ItemList):
         """
         from .labels import label_cls_for
         if not from_item_lists:
-            raise ValueError("Your data isn't split; call a split_* method (split_none for no validation set) first")
+            raise ArgumentError("Your data isn't split; call a split_* method (split_none for no validation set) first")
         ystore = open_store(path)
         xstore = self._store()
         if len(ystore) < len(xstore):

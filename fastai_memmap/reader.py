@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
-from .errors import (ChecksumError, RowIndexError, RowIndexTypeError, ShardMismatchError, StoreChangedError,
+from .errors import (ArgumentError, ChecksumError, RowIndexError, RowIndexTypeError, ShardMismatchError, StoreChangedError,
                      StoreNotFoundError, TruncatedStoreError, UnverifiedStoreError)
 from .format import MANIFEST_NAME, Manifest, ShardInfo, confined_path, describe, open_regular, read_npy_header
 
@@ -281,7 +281,7 @@ class MemmapArray:
         """
         if hint in ACCESS_HINTS:
             if rows is not None:
-                raise ValueError(f"{self.path}: access hint {hint!r} applies to whole maps, found rows=...; "
+                raise ArgumentError(f"{self.path}: access hint {hint!r} applies to whole maps, found rows=...; "
                                  "pass rows only with 'willneed', 'populate' or 'dontneed'")
             self._access = hint
             for m in self._maps.values():
@@ -506,7 +506,7 @@ def _check_size(fp: Path, m: Manifest, rows: int, offset: int, changed: bool = F
 def _check_hint(hint: str, hints: Dict[str, Optional[int]]) -> str:
     if hint not in hints:
         known = sorted(set(ACCESS_HINTS) | set(RANGE_HINTS))
-        raise ValueError(f"expected an access hint in {known}, found {hint!r}")
+        raise ArgumentError(f"expected an access hint in {known}, found {hint!r}")
     return hint
 
 

@@ -604,10 +604,10 @@ def _exchange(a: Path, b: Path) -> None:
     "Swap the directory entries `a` and `b` in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``)."
     fn = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
     if fn is None:
-        raise OSError(errno.ENOSYS, "renameat2 not available")
+        raise StoreIOError(errno.ENOSYS, "renameat2 not available")
     if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) != 0:
         e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e), str(a), None, str(b))
+        raise StoreIOError(e, f"{a} <-> {b}: renameat2(RENAME_EXCHANGE) failed: {os.strerror(e)}")
 
 
 def _try_exchange(a: Path, b: Path) -> bool:

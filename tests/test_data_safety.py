@@ -435,3 +435,11 @@ def test_big_endian_shard_message_shows_byte_order(tmp_path):
     with pytest.raises(MemmapError) as ei:
         MemmapArray.open(tmp_path / "s")
     assert "<f4" in str(ei.value) and ">f4" in str(ei.value)
+
+
+def test_complex_store_refused_as_item_list(tmp_path):
+    from fastai_memmap import MemmapItemList
+    from fastai_memmap.errors import UnsupportedDtypeError
+    save_memmap(tmp_path / "z", np.array([[1 + 2j, 3j]], np.complex64))
+    with pytest.raises(UnsupportedDtypeError, match="imaginary"):
+        MemmapItemList.from_memmap(tmp_path / "z")
