@@ -31,7 +31,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from fastai_memmap import MemmapArray, MemmapWriter, save_memmap
 from fastai_memmap import reader as reader_module
 from fastai_memmap import writer as writer_module
-from fastai_memmap.errors import (ChecksumError, FormatError, MemmapError, RowIndexError, RowIndexTypeError,
+from fastai_memmap.errors import (NotAStoreError, ChecksumError, FormatError, MemmapError, RowIndexError, RowIndexTypeError,
                                   ShardMismatchError, StoreChangedError, StoreExistsError, StoreNotFoundError,
                                   StoreWriteError, TruncatedStoreError, UnsafePathError, UnsupportedDtypeError,
                                   WriterConflictError)
@@ -951,7 +951,7 @@ def test_writer_refuses_a_symlinked_lock_file(tmp_path):
     assert not victim.exists() and not (tmp_path / "t").exists() and leftovers(tmp_path) == []
 
 
-def test_writer_replaces_a_symlink_target_never_writes_through_it(tmp_path):
+def test_writer_never_replaces_nor_writes_through_a_symlink_target(tmp_path):
     elsewhere = save_memmap(tmp_path / "elsewhere", generation(0), meta={"gen": 0})
     before = sorted((p.name, p.read_bytes()) for p in elsewhere.iterdir())
     os.symlink(elsewhere, tmp_path / "link")
@@ -961,9 +961,10 @@ def test_writer_replaces_a_symlink_target_never_writes_through_it(tmp_path):
     with pytest.raises(StoreExistsError) as ei:   # refused at once, not after writing everything
         MemmapWriter(tmp_path / "dangling", np.int32, (3,)).open()
     assert "symlink" in str(ei.value)
-    save_memmap(tmp_path / "link", generation(1), meta={"gen": 1}, overwrite=True)
-    assert not (tmp_path / "link").is_symlink()   # the link itself was replaced by the new store
-    check_generation(MemmapArray.open(tmp_path / "link"), {1})
+    with pytest.raises(NotAStoreError, match="symlink"):   # a link is the user's, not a store: kept as it is
+        save_memmap(tmp_path / "link", generation(1), meta={"gen": 1}, overwrite=True)
+    assert (tmp_path / "link").is_symlink() and os.readlink(tmp_path / "link") == str(elsewhere)
+    check_generation(MemmapArray.open(tmp_path / "link"), {0})
     assert sorted((p.name, p.read_bytes()) for p in elsewhere.iterdir()) == before
 
 
