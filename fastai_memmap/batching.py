@@ -18,7 +18,7 @@ results. `MemmapDataBunch` / `MemmapImageDataBunch` install `memmap_collate` by 
 import ctypes
 import os
 import warnings
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -27,6 +27,8 @@ from fastai.core import defaults
 from fastai.data_block import CategoryList, FloatList, LabelList
 from fastai.torch_core import data_collate
 from fastai.vision.data import ImageDataBunch
+
+from .errors import ArgumentError, ArgumentTypeError
 
 __all__ = ["Collated", "memmap_collate", "FastLabelList", "MemmapDataBunch", "MemmapImageDataBunch", "batch_of",
            "takes_fast_path", "WorkersSlowerWarning"]
@@ -120,8 +122,37 @@ class FastLabelList(LabelList):
         return [self[int(i)] for i in indices]
 
 
+def _check_count(name: str, v: Any, low: int, optional: bool = False, words: Sequence[str] = ()) -> None:
+    "Refuse `v` unless it is an int >= `low` (or None when `optional`, or one of `words`): typed, expected vs found."
+    if (optional and v is None) or (isinstance(v, str) and v in words):
+        return
+    alts = "".join(f" or {w!r}" for w in words) + (" or None" if optional else "")
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+        raise ArgumentTypeError(f"{name}: expected an int >= {low}{alts}, found {type(v).__name__} {v!r:.50}")
+    if v < low:
+        raise ArgumentError(f"{name}: expected an int >= {low}{alts}, found {v}")
+
+
+def _check_create_args(args: tuple, kwargs: dict, num_workers: Any) -> Tuple[tuple, dict, Any]:
+    """Validate the loader arguments where they enter (torch and fastai raise bare builtins, or fail later).
+    `args` follow `train_ds` as in ``DataBunch.create``: valid_ds, test_ds, path, bs, val_bs.
+    Returns them with NumPy integers as Python ints (torch's samplers refuse ``np.int64``)."""
+    args, kwargs = list(args), dict(kwargs)
+    for pos, name, default, optional in ((3, "bs", 64, False), (4, "val_bs", None, True)):
+        v = args[pos] if len(args) > pos else kwargs.get(name, default)
+        _check_count(name, v, 1, optional=optional)
+        v = None if v is None else int(v)
+        if len(args) > pos:
+            args[pos] = v
+        elif name in kwargs:
+            kwargs[name] = v
+    _check_count("num_workers", num_workers, 0, optional=True, words=("auto",))
+    return tuple(args), kwargs, (int(num_workers) if isinstance(num_workers, np.integer) else num_workers)
+
+
 def _create(cls, base, train_ds, *args, collate_fn=data_collate, shuffle=True, num_workers=defaults.cpus,
             dl_tfms=None, no_check=False, **kwargs):
+    args, kwargs, num_workers = _check_create_args(args, kwargs, num_workers)
     from .device import use_prefetch_thread, with_to_float
     from .sampling import shuffle_option, use_sampler
     block, fast = shuffle_option(shuffle), takes_fast_path(train_ds)

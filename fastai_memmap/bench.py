@@ -51,6 +51,8 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import numpy as np
 import torch
 
+from .errors import ArgumentError, FormatError
+
 __all__ = ["bench_main", "run_bench", "BenchConfig", "TARGETS", "evict", "resident_fraction", "read_bytes",
            "WARMUP_BATCHES"]
 
@@ -442,7 +444,7 @@ def _w1_cases(cfg: BenchConfig, w: W1) -> List[Case]:
 def _single_shard(w: W1) -> Path:
     files = w.x_files
     if len(files) != 1:
-        raise ValueError(f"{w.store}: expected one shard for the np.memmap reference, found {len(files)}")
+        raise FormatError(f"{w.store}: expected one shard for the np.memmap reference, found {len(files)}")
     return files[0]
 
 
@@ -734,16 +736,17 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         v = getattr(args, name)
         if v is not None:
             if v < 1:
-                raise ValueError(f"expected --{name.replace('_', '-')} >= 1, found {v}")
+                raise ArgumentError(f"expected --{name.replace('_', '-')} >= 1, found {v}")
             sizes[name] = v
-    workers = tuple(int(w) for w in args.workers.split(",") if w.strip())
-    if not workers or min(workers) < 0:
-        raise ValueError(f"expected --workers as comma-separated ints >= 0, found {args.workers!r}")
+    parts = [w.strip() for w in args.workers.split(",") if w.strip()]
+    workers = tuple(int(w) for w in parts if w.isdigit())
+    if not workers or len(workers) != len(parts):
+        raise ArgumentError(f"expected --workers as comma-separated ints >= 0, found {args.workers!r}")
     if sizes["side"] % 4:
-        raise ValueError(f"expected --side to be a multiple of 4, found {sizes['side']}")
+        raise ArgumentError(f"expected --side to be a multiple of 4, found {sizes['side']}")
     for n, what in ((sizes["rows"], "rows"), (sizes["images"], "images")):
         if n < sizes["bs"] * (WARMUP_BATCHES + 1):
-            raise ValueError(f"expected --{what} >= {sizes['bs'] * (WARMUP_BATCHES + 1)} (3 batches of --bs), found {n}")
+            raise ArgumentError(f"expected --{what} >= {sizes['bs'] * (WARMUP_BATCHES + 1)} (3 batches of --bs), found {n}")
     return BenchConfig(**sizes, workers=workers, cold=not args.no_cold, w1=not args.no_w1, w2=not args.no_w2,
                        tfms=not args.no_tfms, dir=args.dir, keep=args.keep, seed=args.seed, quick=args.quick)
 

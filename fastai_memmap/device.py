@@ -23,6 +23,8 @@ from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence
 import torch
 from torch.utils.data import DataLoader
 
+from .errors import ArgumentError, ArgumentTypeError
+
 __all__ = ["to_float", "to_float_tfm", "with_to_float", "insert_to_float", "PrefetchDataLoader",
            "use_prefetch_thread", "DEFAULT_PREFETCH"]
 
@@ -95,8 +97,11 @@ class PrefetchDataLoader(DataLoader):
     """
 
     def __init__(self, dataset: Any, *args: Any, prefetch: int = DEFAULT_PREFETCH, **kwargs: Any):
-        if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
-            raise ValueError(f"expected prefetch to be an int >= 0 (batches read ahead), found {prefetch!r}")
+        if isinstance(prefetch, bool) or not isinstance(prefetch, int):
+            raise ArgumentTypeError(f"prefetch: expected an int >= 0 (batches read ahead), found "
+                                    f"{type(prefetch).__name__} {prefetch!r:.50}")
+        if prefetch < 0:
+            raise ArgumentError(f"prefetch: expected an int >= 0 (batches read ahead), found {prefetch!r}")
         super().__init__(dataset, *args, **kwargs)
         self.prefetch = prefetch
         if isinstance(getattr(self, "init_kwargs", None), dict):

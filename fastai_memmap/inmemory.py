@@ -30,6 +30,7 @@ float32 on the device (`fastai_memmap.device.to_float_tfm`, placed before ``norm
 """
 import os
 import warnings
+import weakref
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
@@ -48,7 +49,8 @@ _compat.apply()   # idempotent: fastai 1.0.61 fixes (load_learner, DataLoader kw
 
 from .convert_images import (IMAGE_STORE_TAG, DecodeSpec, ImageReadError, SizeArg, check_meta_size, chunk_bounds,
                              n_workers, plan_shapes, relative_key, run_chunks, _decode_into_task)
-from .errors import FormatError, MemoryBudgetError, StoreNotFoundError
+from .errors import (ArgumentError, ArgumentTypeError, FormatError, MemoryBudgetError, StoreIOError, StoreNotFoundError,
+                     StoreWriteError, WriterConflictError)
 from .reader import MemmapArray
 from .shm import SharedBuffer
 from .writer import MemmapWriter
@@ -202,7 +204,7 @@ class _InMemoryMixin:
         self.copy_new.append("pixels")
         self._label_list, self._split = LabelListInMemory, ItemListsInMemory
         self._spec_warned = False
-        self._slot_cache = None   # (items, buffer, slot of each item): built on first get, per process
+        self._slot_cache = None   # (items, weakref to the buffer, slot of each item): built on first get, per process
 
     def __getstate__(self) -> Dict[str, Any]:
         state = dict(self.__dict__)
@@ -242,9 +244,9 @@ class _InMemoryMixin:
 
     def _slots(self, buf: PixelBuffer) -> np.ndarray:
         "Slot in `buf` of every item (-1: not in RAM), looked up once per list and process."
-        cache = self._slot_cache
-        if cache is None or cache[0] is not self.items or cache[1] is not buf:
-            cache = self._slot_cache = (self.items, buf, buf.slots(self.items))
+        cache = self._slot_cache   # a weak reference: a replaced or purged buffer is freed, not kept by the cache
+        if cache is None or cache[0] is not self.items or cache[1]() is not buf:
+            cache = self._slot_cache = (self.items, weakref.ref(buf), buf.slots(self.items))
         return cache[2]
 
     def _pixels_at(self, i: int) -> Optional[np.ndarray]:
@@ -461,7 +463,7 @@ def _lists_in(obj: Any) -> List[_InMemoryMixin]:
         dss = [obj.train_ds, obj.valid_ds] + ([obj.test_ds] if obj.test_dl is not None else [])
         found = [o for ds in dss for o in _lists_in(ds)]
     else:
-        raise TypeError(f"preload: expected an ImageListInMemory, a LabelList, LabelLists or DataBunch of them, "
+        raise ArgumentTypeError(f"preload: expected an ImageListInMemory, a LabelList, LabelLists or DataBunch of them, "
                         f"found {type(obj).__name__}")
     seen, out = set(), []
     for o in found:
@@ -518,17 +520,32 @@ def preload(obj: Any, size: SizeArg = None, workers: Optional[int] = None, force
     SharedMemoryError
         No room for the shared buffer in ``/dev/shm`` nor in the temporary directory.
     """
+    _check_preload_args(workers, resample)
     groups: Dict[Tuple, List[_InMemoryMixin]] = {}
     for lst in _lists_in(obj):
         spec = lst.decode_spec(size, resample)
         groups.setdefault((spec, id(spec.after_open)), []).append(lst)
     if cache is not None and sum(s.kind == "image" for s, _ in groups) > 1:
-        raise ValueError("preload: cache= holds one decoding; these lists decode with different convert_mode or "
+        raise ArgumentError("preload: cache= holds one decoding; these lists decode with different convert_mode or "
                          "after_open: load them separately, each with its own cache")
     for (spec, _), lists in groups.items():
         where = None if cache is None else (Path(cache) if spec.kind == "image" else Path(f"{cache}-masks"))
         _load_group(lists, spec, workers, force, where, progress, buffer_dir)
     return obj
+
+
+def _check_preload_args(workers: Any, resample: Any) -> None:
+    "Refuse `workers` other than None or an int >= 0 and `resample` other than None or a PIL filter, typed."
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, (int, np.integer))):
+        raise ArgumentTypeError(f"workers: expected None or an int >= 0 (decoding processes), found "
+                                f"{type(workers).__name__} {workers!r:.50}")
+    if workers is not None and workers < 0:
+        raise ArgumentError(f"workers: expected None or an int >= 0 (decoding processes), found {workers}")
+    filters = sorted(int(f) for f in PIL.Image.Resampling) if hasattr(PIL.Image, "Resampling") else list(range(6))
+    if resample is not None and (isinstance(resample, bool) or not isinstance(resample, (int, np.integer))
+                                 or int(resample) not in filters):
+        raise ArgumentError(f"resample: expected None or a PIL filter ({filters}, e.g. PIL.Image.BILINEAR), "
+                            f"found {resample!r:.50}")
 
 
 def unload(obj: Any) -> Any:
@@ -554,10 +571,25 @@ def _load_group(lists: List[_InMemoryMixin], spec: DecodeSpec, workers: Optional
         from_cache = buf is not None
         if buf is None:
             buf = _decode(keys, spec, old, workers, force, progress, directory)
-    if cache is not None and not from_cache and _cache_rows(cache, buf.keys, spec, root)[0] is None:
-        write_cache(buf, cache, root)
+    if cache is not None and not from_cache:
+        _refresh_cache(buf, cache, spec, root, keep_on_error=buf is old)
     for lst in lists:
         lst.pixels = buf
+
+
+def _refresh_cache(buf: PixelBuffer, cache: Path, spec: DecodeSpec, root: Path, keep_on_error: bool) -> None:
+    """Write `buf` to `cache` unless it already holds it. The cache is a copy: when another process is
+    writing it, or the disk is full, the decoded pixels are kept (with a warning), never discarded.
+    On any other error a new `buf` is closed (its shared memory freed) before the error propagates."""
+    try:
+        if _cache_rows(cache, buf.keys, spec, root)[0] is None:
+            write_cache(buf, cache, root)
+    except (WriterConflictError, StoreWriteError, StoreIOError) as e:
+        warnings.warn(f"{cache}: cache not written ({e}); the decoded images are kept in RAM")
+    except BaseException:
+        if not keep_on_error:
+            buf.close()
+        raise
 
 
 def check_memory(need: int, n: int, force: bool, what: str = "load_data") -> None:
@@ -624,6 +656,22 @@ def _open_cache(cache: Path) -> Optional[MemmapArray]:
     return store
 
 
+def _cache_shapes(cache: Path, store: MemmapArray) -> np.ndarray:
+    """``meta['shapes']`` of a padded cache as int64 ``(rows, 2)``, each ``(h, w)`` within the stored rows.
+
+    Raises ``FormatError`` for anything else (a hostile or damaged manifest): not a list of int pairs,
+    one per row, or a size beyond the padded ``(H, W)`` (it would read outside the row)."""
+    raw, (hh, ww) = store.meta["shapes"], store.item_shape[:2]
+    ok = isinstance(raw, list) and len(raw) == len(store) and all(
+        isinstance(p, list) and len(p) == 2 and all(type(v) is int for v in p) for p in raw)
+    hw = np.array(raw, np.int64).reshape(-1, 2) if ok else None
+    if hw is None or ((hw < 0) | (hw > np.array([hh, ww]))).any():
+        raise FormatError(f"{cache}: expected meta['shapes'] to be {len(store)} [h, w] pairs of ints with "
+                          f"0 <= h <= {hh}, 0 <= w <= {ww} (the padded rows), found {raw!r:.120}; the cache is damaged: "
+                          "delete it (it is rebuilt from the image files)")
+    return hw
+
+
 def _cache_rows(cache: Path, keys: np.ndarray, spec: DecodeSpec, root: Path) -> Tuple[Optional[np.ndarray], Any, str]:
     """``(rows, store, why)``: the row of each of `keys` in the cache store, or None and why it cannot serve them."""
     store = _open_cache(cache)
@@ -633,7 +681,13 @@ def _cache_rows(cache: Path, keys: np.ndarray, spec: DecodeSpec, root: Path) -> 
     diff = {k: (meta.get(k), v) for k, v in _cache_meta(spec).items() if meta.get(k) != v}
     if diff:
         return None, store, "decoded differently: " + ", ".join(f"{k} {a!r}, now {b!r}" for k, (a, b) in diff.items())
-    names = np.array(meta.get("paths", []), dtype=str).reshape(-1)
+    paths = meta.get("paths", [])
+    if not (isinstance(paths, list) and all(isinstance(p, str) for p in paths)):
+        raise FormatError(f"{cache}: expected meta['paths'] to be a list of str, found {paths!r:.120}; the cache is "
+                          "damaged: delete it (it is rebuilt from the image files)")
+    if "shapes" in meta:
+        _cache_shapes(cache, store)
+    names = np.array(paths, dtype=str).reshape(-1)
     if len(names) != len(store):
         return None, store, f"{len(names)} paths for {len(store)} rows"
     if not len(keys):
@@ -658,21 +712,30 @@ def _from_cache(cache: Path, keys: np.ndarray, spec: DecodeSpec, root: Path, for
             warnings.warn(f"{cache}: cache {why}; decoding the images again and replacing it")
         return None
     meta, c = store.meta, store.item_shape[2]
-    hw = np.array(meta["shapes"], np.int64)[rows] if "shapes" in meta else np.tile(store.item_shape[:2], (len(rows), 1))
+    hw = _cache_shapes(cache, store)[rows] if "shapes" in meta else np.tile(store.item_shape[:2], (len(rows), 1))
     shapes = np.concatenate([hw.reshape(-1, 2), np.full((len(rows), 1), c)], axis=1)
     check_memory(int(np.prod(shapes, axis=1).sum()), len(keys), force, f"load_data from {cache}")
     buf = PixelBuffer.allocate(keys, shapes, spec, directory)
+    try:
+        _copy_from_store(buf, store, rows, shapes, "shapes" in meta)
+    except BaseException:      # a store truncated under us...: free the shared memory, then raise
+        buf.close()
+        raise
+    return buf
+
+
+def _copy_from_store(buf: PixelBuffer, store: MemmapArray, rows: np.ndarray, shapes: np.ndarray, ragged: bool) -> None:
+    "Copy the (padded, if `ragged`) cache rows `rows` into the pixels of `buf`."
     dst, off = buf.writable_pixels(), buf.offsets
     for a in range(0, len(rows), COPY_ROWS):
         b = min(a + COPY_ROWS, len(rows))
         block = store.read(rows[a:b])
-        if "shapes" not in meta:
+        if not ragged:
             dst[off[a]:off[b]] = block.reshape(-1)
             continue
         for i in range(a, b):
             h, w, _ = shapes[i]
             dst[off[i]:off[i + 1]] = block[i - a, :h, :w].reshape(-1)
-    return buf
 
 
 def write_cache(buf: PixelBuffer, cache: Union[str, Path], root: Union[str, Path]) -> Optional[Path]:

@@ -43,8 +43,9 @@ def _pad_scalar(pad_value: Any) -> Any:
     raise ArgumentTypeError(f"pad_value: expected a real number, found {pad_value!r:.100} ({type(pad_value).__name__})")
 
 
-def check_pad_value(pad_value: Any, dtype: torch.dtype) -> None:
-    """Refuse a `pad_value` that batches of `dtype` cannot hold exactly (``LossyCastError``).
+def check_pad_value(pad_value: Any, dtype: torch.dtype) -> Any:
+    """Refuse a `pad_value` that batches of `dtype` cannot hold exactly (``LossyCastError``); return it
+    as the Python scalar to fill with (a float for float batches: torch refuses ints beyond int64 there).
 
     Integer batches need an integer in the dtype's range (``0.5`` would pad with 0, a real token id;
     ``2**63`` would wrap); float batches take any float (rounding to float32 is allowed) but not a
@@ -52,16 +53,21 @@ def check_pad_value(pad_value: Any, dtype: torch.dtype) -> None:
     """
     v = _pad_scalar(pad_value)
     if dtype.is_floating_point:
-        if math.isfinite(v) and abs(v) > torch.finfo(dtype).max:
+        try:
+            f = float(v)
+        except OverflowError:   # an int beyond every float
+            f = math.inf
+        if (math.isfinite(v) if isinstance(v, float) else True) and abs(f) > torch.finfo(dtype).max:
             raise LossyCastError(f"pad_value: expected a value {dtype} can hold (|v| <= {torch.finfo(dtype).max:.4g}), "
                                  f"found {v!r}; it would pad with inf")
-        return
+        return f
     info = torch.iinfo(dtype) if dtype != torch.bool else None
     lo, hi = (0, 1) if info is None else (info.min, info.max)
     exact = isinstance(v, (bool, int)) or (math.isfinite(v) and float(v).is_integer())
     if not exact or not lo <= v <= hi:
         raise LossyCastError(f"pad_value: expected an integer in [{lo}, {hi}] for {dtype} batches (integer store), "
                              f"found {v!r}; it would pad with another value, maybe a real token id")
+    return v
 
 
 def pad_ragged(data: np.ndarray, lengths: np.ndarray, pad_value: Any = 0, pad_first: bool = False,
@@ -98,8 +104,8 @@ def pad_ragged(data: np.ndarray, lengths: np.ndarray, pad_value: Any = 0, pad_fi
     n, width = len(lengths), int(lengths.max()) if len(lengths) else 0
     if dtype is None:
         dtype = batch_dtype(data.dtype)
-    check_pad_value(pad_value, dtype)
-    x = torch.full((n, width) + tuple(data.shape[1:]), pad_value, dtype=dtype)
+    fill = check_pad_value(pad_value, dtype)
+    x = torch.full((n, width) + tuple(data.shape[1:]), fill, dtype=dtype)
     if len(data):
         rows = np.repeat(np.arange(n), lengths)
         cols = np.arange(len(data)) - np.repeat(np.cumsum(lengths) - lengths, lengths)

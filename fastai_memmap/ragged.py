@@ -16,6 +16,7 @@ import numpy as np
 from .errors import (ArgumentError, ItemShapeError, OffsetsError, RowIndexError, RowIndexTypeError,
                      ShardMismatchError, WriterStateError)
 from .format import OFFSETS_DTYPE, Manifest, ShardInfo, npy_header_bytes, shard_name
+from .casting import cast_rows
 from .reader import ACCESS_HINTS, ADVISE_GAP, DEFAULT_MAX_OPEN, MemmapArray, check_verified
 from .writer import DEFAULT_SHARD_BYTES, MemmapWriter
 
@@ -470,8 +471,9 @@ class RaggedWriter(MemmapWriter):
 
     Parameters
     ----------
-    path, dtype, overwrite, meta, total, progress
-        As for `MemmapWriter`; `total` counts items.
+    path, dtype, overwrite, meta, total, progress, casting
+        As for `MemmapWriter`; `total` counts items; `casting` (default ``"lossless"``) applies to the
+        elements of every item (int64 300 into an int8 store raises ``LossyCastError``).
     item_shape : sequence of int
         The *trailing* shape every item shares (``()`` for token ids).
     shard_rows : int, optional
@@ -481,18 +483,19 @@ class RaggedWriter(MemmapWriter):
         (an item larger than that gets a shard of its own). Items never span shards.
 
     Raises what `MemmapWriter` raises; ``ItemShapeError`` for items of another trailing shape,
-    uncastable dtype, or inconsistent lengths.
+    non-numeric dtype, or inconsistent lengths; ``LossyCastError`` for a value the cast would change.
     """
     kind = "ragged"
 
     def __init__(self, path: Union[str, Path], dtype: Any, item_shape: Sequence[int] = (),
                  shard_rows: Optional[int] = None, shard_bytes: int = DEFAULT_SHARD_BYTES,
                  overwrite: bool = False, meta: Optional[Dict[str, Any]] = None,
-                 total: Optional[int] = None, progress: bool = False, kind: str = "ragged"):
+                 total: Optional[int] = None, progress: bool = False, kind: str = "ragged",
+                 casting: str = "lossless"):
         if kind != self.kind:
             raise ArgumentError(f"{path}: expected kind={self.kind!r} for {type(self).__name__}, found {kind!r}")
         super().__init__(path, dtype, item_shape, shard_rows=shard_rows, shard_bytes=shard_bytes,
-                         overwrite=overwrite, meta=meta, total=total, progress=progress)
+                         overwrite=overwrite, meta=meta, total=total, progress=progress, casting=casting)
         self.shard_rows = shard_rows or 2 ** 62
         self.shard_bytes = int(shard_bytes)
         self.length = 0
@@ -508,19 +511,17 @@ class RaggedWriter(MemmapWriter):
     def append(self, items: Iterable[Any]) -> None:
         """Append `items`: a sequence of array-likes, each of shape ``(length_i, *item_shape)``.
 
-        Cast with ``casting='same_kind'``. Raises ``ItemShapeError`` for a wrong trailing shape or dtype.
+        Cast under the writer's `casting` (default ``"lossless"``: no value may change). Raises
+        ``ItemShapeError`` for a wrong trailing shape or a non-numeric dtype, ``LossyCastError``.
         """
         arrays = [np.asarray(a) for a in items]
-        for a in arrays:
+        for j, a in enumerate(arrays):
             if a.ndim != len(self.item_shape) + 1 or a.shape[1:] != self.item_shape:
                 raise ItemShapeError(f"{self.path}: expected items of shape {_ragged_shape(self.item_shape)} "
                                      f"(? = any length), found {a.shape}")
-            if not np.can_cast(a.dtype, self.dtype, casting="same_kind"):
-                raise ItemShapeError(f"{self.path}: expected items castable to {self.dtype} (same kind), "
-                                     f"found {a.dtype}")
+            arrays[j] = self._cast(a, self.dtype, self.item_shape, f"{self.path}: item {self.length + j}")
         lengths = np.array([len(a) for a in arrays], np.int64)
-        data = (np.concatenate([a.astype(self.dtype, copy=False) for a in arrays])
-                if arrays and lengths.sum() else np.zeros((0,) + self.item_shape, self.dtype))
+        data = (np.concatenate(arrays) if arrays and lengths.sum() else np.zeros((0,) + self.item_shape, self.dtype))
         self.append_flat(data, lengths)
 
     def append_flat(self, data: Any, lengths: Any) -> None:
@@ -538,15 +539,15 @@ class RaggedWriter(MemmapWriter):
             raise WriterStateError(f"{self.path}: expected an open writer (use `with {type(self).__name__}(...) as w:`), "
                                    f"found one {'already closed' if self._committed else 'not open'}")
 
-    def _cast(self, a: Any, dtype: np.dtype, trailing: Tuple[int, ...]) -> np.ndarray:
+    def _cast(self, a: Any, dtype: np.dtype, trailing: Tuple[int, ...], where: Optional[str] = None) -> np.ndarray:
+        "`a` (shape ``(n, *trailing)``) cast to `dtype` under the writer's `casting` (`fastai_memmap.casting`)."
         a = np.asarray(a)
         if a.ndim != len(trailing) + 1 or a.shape[1:] != trailing:
             raise ItemShapeError(f"{self.path}: expected flat data of shape (n, {', '.join(map(str, trailing))}), "
                                  f"found {a.shape}")
-        try:
-            return np.ascontiguousarray(a.astype(dtype, casting="same_kind", copy=False))
-        except TypeError:
-            raise ItemShapeError(f"{self.path}: expected values castable to {dtype} (same kind), found {a.dtype}") from None
+        if a.size == 0 and a.dtype.kind not in "biufc":
+            a = a.astype(dtype)   # an empty list of items arrives as float64 or object: nothing to change
+        return cast_rows(a, dtype, trailing, self.casting, where or f"{self.path}: flat data")
 
     def _lengths(self, lengths: Any, data: np.ndarray) -> np.ndarray:
         n = np.asarray(lengths)

@@ -22,7 +22,13 @@ __all__ = ["RaggedItem", "RaggedProcessor", "RaggedItemList", "item_tensor"]
 
 
 def item_tensor(a: np.ndarray) -> torch.Tensor:
-    "`a` as a tensor: int64 for integer and bool data (token ids, classes), float32 otherwise (a copy)."
+    """`a` as a tensor: int64 for integer and bool data (token ids, classes), float32 otherwise (a copy).
+
+    Raises ``LossyCastError`` for uint64 values above int64's maximum (2**63 - 1): they would wrap."""
+    if a.dtype == np.uint64 and a.size and int(a.max()) > np.iinfo(np.int64).max:
+        k = int(np.argmax(a.reshape(-1) > np.iinfo(np.int64).max))
+        raise LossyCastError(f"expected uint64 values <= {np.iinfo(np.int64).max} (batches are int64), found "
+                             f"{int(a.reshape(-1)[k])} at element {k}; it would wrap to a negative value")
     return torch.from_numpy(np.array(a, dtype=np.int64 if a.dtype.kind in "biu" else np.float32))
 
 

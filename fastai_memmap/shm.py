@@ -34,7 +34,7 @@ from typing import Any, Optional, Tuple, Union
 
 import numpy as np
 
-from .errors import SharedMemoryError
+from .errors import ArgumentError, ArgumentTypeError, SharedMemoryError
 
 __all__ = ["SharedBuffer", "SharedMemoryError", "SHM_DIR", "SHM_RESERVE", "FILE_PREFIX", "choose_dir", "free_bytes"]
 
@@ -142,13 +142,15 @@ class SharedBuffer:
 
         Raises `SharedMemoryError` when there is no room (with the sizes and the fix).
         """
+        if isinstance(nbytes, bool) or not isinstance(nbytes, (int, np.integer)):
+            raise ArgumentTypeError(f"SharedBuffer.create: expected nbytes as an int, found {type(nbytes).__name__} {nbytes!r:.50}")
         if nbytes < 0:
-            raise ValueError(f"SharedBuffer.create: expected nbytes >= 0, found {nbytes}")
+            raise ArgumentError(f"SharedBuffer.create: expected nbytes >= 0, found {nbytes}")
         d = choose_dir(nbytes, directory)
         _clean_stale(d)
         path = d / f"{FILE_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}"
         size = max(int(nbytes), 1)   # mmap refuses length 0
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        fd = _open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, "create")
         try:
             _reserve(fd, size, path)
             mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
@@ -166,7 +168,7 @@ class SharedBuffer:
         Raises ``FileNotFoundError`` if the file is gone (its owner closed it or exited),
         `SharedMemoryError` if it is shorter than `nbytes`.
         """
-        fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_NOFOLLOW)
+        fd = _open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_NOFOLLOW, "attach")
         try:
             found = os.fstat(fd).st_size
             if found < max(nbytes, 1):
@@ -196,15 +198,17 @@ class SharedBuffer:
     def view(self, dtype: Any, offset: int, shape: Tuple[int, ...]) -> np.ndarray:
         """A NumPy view of `shape` and `dtype` starting at byte `offset` (no copy).
 
-        Read-only unless the buffer is writable. Raises ``ValueError`` if it does not fit or the
-        buffer is closed.
+        Read-only unless the buffer is writable. Raises ``ArgumentError`` (a ``ValueError``) if it does
+        not fit, ``SharedMemoryError`` (``EBADF``) if the buffer is closed.
         """
         if self._mm is None:
-            raise ValueError(f"{self.path}: shared buffer is closed")
+            raise SharedMemoryError(errno.EBADF, f"{self.path}: expected an open shared buffer, found it closed "
+                                    "(purged, or its owner process freed it); load the data again")
         dt = np.dtype(dtype)
         count = int(np.prod(shape, dtype=np.int64))
         if offset < 0 or (count and offset + count * dt.itemsize > self.nbytes):
-            raise ValueError(f"{self.path}: view of {count} x {dt} at byte {offset} exceeds the buffer of {self.nbytes} bytes")
+            raise ArgumentError(f"{self.path}: expected a view within the buffer of {self.nbytes} bytes, found "
+                                f"{count} x {dt} at byte {offset}")
         a = np.frombuffer(self._mm, dtype=dt, count=count, offset=offset).reshape(shape)
         if not self.writable:
             a.flags.writeable = False
@@ -237,8 +241,20 @@ def _reserve(fd: int, size: int, path: Path) -> None:
             raise SharedMemoryError(errno.ENOSPC, f"{path}: no room for a shared buffer of {_fmt(size)} "
                                     f"({_fmt(free_bytes(path.parent))} free); enlarge the filesystem or pass buffer_dir=") from None
         if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-            raise
+            raise SharedMemoryError(e.errno, f"{path}: cannot reserve {_fmt(size)} for a shared buffer ({e.strerror})") from None
         os.ftruncate(fd, size)   # filesystem without fallocate: sparse file
+
+
+def _open(path: Path, flags: int, doing: str) -> int:
+    """``os.open`` of a buffer file; OS errors other than a missing file (``FileNotFoundError``, which
+    `_reattach` expects) as `SharedMemoryError` naming the path (a symlink is refused: ``O_NOFOLLOW``)."""
+    try:
+        return os.open(path, flags, 0o600)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        cause = "a symlink (refused)" if e.errno == errno.ELOOP else e.strerror
+        raise SharedMemoryError(e.errno, f"{path}: cannot {doing} a shared buffer file: {cause}") from None
 
 
 def _reattach(path: str, nbytes: int, closed: bool) -> SharedBuffer:

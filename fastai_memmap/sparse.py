@@ -345,8 +345,8 @@ class SparseWriter(RaggedWriter):
 
     Parameters
     ----------
-    path, overwrite, meta, total, progress, shard_rows, shard_bytes
-        As for `RaggedWriter` (`shard_bytes` counts index and value bytes).
+    path, overwrite, meta, total, progress, shard_rows, shard_bytes, casting
+        As for `RaggedWriter` (`shard_bytes` counts index and value bytes; `casting` applies to values).
     dtype : numpy dtype
         dtype of the values and of the dense rows read back (default float32).
     size : int
@@ -366,7 +366,8 @@ class SparseWriter(RaggedWriter):
                  size: Optional[int] = None, index_dtype: Any = None, values: bool = True,
                  shard_rows: Optional[int] = None, shard_bytes: int = DEFAULT_SHARD_BYTES,
                  overwrite: bool = False, meta: Optional[Dict[str, Any]] = None,
-                 total: Optional[int] = None, progress: bool = False, kind: str = "sparse"):
+                 total: Optional[int] = None, progress: bool = False, kind: str = "sparse",
+                 casting: str = "lossless"):
         if size is None and item_shape is not None and len(tuple(item_shape)) == 1:
             size = tuple(item_shape)[0]
         if not isinstance(size, (int, np.integer)) or size < 0 or (
@@ -380,7 +381,7 @@ class SparseWriter(RaggedWriter):
                                  f"found {self.index_dtype}")
         self.has_values = bool(values)
         super().__init__(path, dtype, (), shard_rows=shard_rows, shard_bytes=shard_bytes, overwrite=overwrite,
-                         meta=meta, total=total, progress=progress, kind=kind)
+                         meta=meta, total=total, progress=progress, kind=kind, casting=casting)
 
     def _parts(self) -> List[Tuple[str, np.dtype, Tuple[int, ...]]]:
         parts = [("indices", self.index_dtype, ())]
@@ -412,8 +413,8 @@ class SparseWriter(RaggedWriter):
         """Append ``len(indptr) - 1`` rows in CSR form (row ``j``: ``indices[indptr[j]:indptr[j+1]]``).
 
         `indptr` is a non-decreasing int array (it may start above 0, as in a sliced matrix); `indices`
-        ints in ``[0, size)``; `values` (default: ones) castable to `dtype` with ``same_kind``.
-        Vectorised. Raises ``ItemShapeError``.
+        ints in ``[0, size)``; `values` (default: ones) cast to `dtype` under the writer's `casting`
+        (default ``"lossless"``). Vectorised. Raises ``ItemShapeError``, ``LossyCastError``.
         """
         self._check_open()
         indptr = np.asarray(indptr)

@@ -18,6 +18,7 @@ from fastai.torch_core import data_collate
 from fastai.vision import get_transforms
 
 from fastai_memmap import save_memmap
+from fastai_memmap.errors import ArgumentError, ArgumentTypeError
 from fastai_memmap.batching import Collated, FastLabelList, WorkersSlowerWarning, memmap_collate, takes_fast_path
 from fastai_memmap.device import (PrefetchDataLoader, insert_to_float, to_float, to_float_tfm, use_prefetch_thread,
                                   with_to_float)
@@ -300,9 +301,9 @@ def test_prefetch_thread_stops_when_the_loop_breaks():
     assert [int(b[0]) for b in PrefetchDataLoader(list(range(6)), batch_size=2, prefetch=0)] == [0, 2, 4]
 
 
-@pytest.mark.parametrize("prefetch", [-1, 1.5, True])
-def test_prefetch_must_be_a_count(prefetch):
-    with pytest.raises(ValueError, match="prefetch"):
+@pytest.mark.parametrize("prefetch, error", [(-1, ArgumentError), (1.5, ArgumentTypeError), (True, ArgumentTypeError)])
+def test_prefetch_must_be_a_count(prefetch, error):
+    with pytest.raises(error, match="prefetch: expected an int >= 0"):
         PrefetchDataLoader(list(range(4)), prefetch=prefetch)
 
 
