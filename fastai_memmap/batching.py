@@ -154,8 +154,8 @@ def _create(cls, base, train_ds, *args, collate_fn=data_collate, shuffle=True, n
             dl_tfms=None, no_check=False, **kwargs):
     args, kwargs, num_workers = _check_create_args(args, kwargs, num_workers)
     from .device import use_prefetch_thread, with_to_float
-    from .sampling import shuffle_option, use_sampler
-    block, fast = shuffle_option(shuffle), takes_fast_path(train_ds)
+    from .sampling import BlockShuffle, shuffle_option, use_sampler
+    option, fast = shuffle_option(shuffle), takes_fast_path(train_ds)
     if collate_fn is data_collate:
         collate_fn = memmap_collate
     if getattr(getattr(train_ds, "x", None), "uint8", False):
@@ -166,13 +166,17 @@ def _create(cls, base, train_ds, *args, collate_fn=data_collate, shuffle=True, n
         warnings.warn(f"{cls.__name__}: num_workers={workers} on the batch fast path: each worker batch is copied "
                       "through shared memory, which costs more than reading it in the main process; pass "
                       "num_workers='auto' (a background prefetch thread) or 0", WorkersSlowerWarning, stacklevel=4)
+    # checked once the sampler is in place: a first batch in fastai's order would read all over a cold store
     data = super(base, cls).create(train_ds, *args, collate_fn=collate_fn, num_workers=workers, dl_tfms=dl_tfms,
-                                   no_check=no_check or block is not None, **kwargs)
-    if block is not None:   # check with the block order: a random first batch would read all over a cold store
-        sampler = use_sampler(data.train_dl, block.sampler(data.train_ds)).dl.sampler
-        if not no_check:
-            data.sanity_check()
-            sampler.set_epoch(0)
+                                   no_check=True, **kwargs)
+    sampler = (option.sampler(data.train_ds, who=cls.__name__) if isinstance(option, BlockShuffle)
+               else option.sampler(data.train_ds, data.train_dl.batch_size, who=cls.__name__))
+    if sampler is not None:
+        use_sampler(data.train_dl, sampler)
+    if not no_check:
+        data.sanity_check()
+        if sampler is not None:
+            sampler.set_epoch(0)   # the check drew a batch of epoch 0: the first epoch is still epoch 0
     if auto and workers == 0:
         use_prefetch_thread(data.train_dl)
     return data

@@ -27,9 +27,15 @@ Shards
 Each shard is a standard NumPy ``.npy`` file, format version 1.0 (see ``numpy.lib.format``):
 6 bytes magic ``\\x93NUMPY``, 2 bytes version ``\\x01\\x00``, a little-endian uint16 header length,
 then an ASCII Python-literal dict ``{'descr': ..., 'fortran_order': False, 'shape': (rows, *item_shape), }``
-padded with spaces and a final ``\\n`` so that the data starts at a multiple of ``ARRAY_ALIGN`` (64)
-bytes. The data follow in C order, ``rows * prod(item_shape) * itemsize`` bytes, nothing after.
-So ``np.load(shard, mmap_mode='r')`` reads any shard without this package.
+padded with spaces and a final ``\\n`` so that the data starts at a multiple of ``DATA_ALIGN`` (4096
+bytes, the page size; numpy itself pads to ``ARRAY_ALIGN``, 64, and reads either unchanged). The data
+follow in C order, ``rows * prod(item_shape) * itemsize`` bytes, nothing after. So
+``np.load(shard, mmap_mode='r')`` reads any shard without this package.
+
+Page-aligned data make a row of at most 4 KiB touch one page when 4096 is a multiple of the row size
+(and a row of a multiple of 4 KiB touch only its own pages): a cold random read of one row then costs
+one page read from disk, not two. Stores written before this rule (data at a multiple of 64) open and
+read the same; readers take the data offset from each header, never assume it.
 
 Writers reserve a fixed header size when a shard is opened (big enough for a 19-digit row count,
 ``MAX_ROWS_DIGITS``) and rewrite the header in place, same length, when the shard is complete.
@@ -67,7 +73,7 @@ Ragged stores
 -------------
 ``kind`` is ``"ragged"``. Item ``i`` is an array of shape ``(length_i, *item_shape)``, ``length_i >= 0``
 (empty items are allowed). Each shard is a pair of ``.npy`` files, written as for dense shards
-(version 1.0, reserved header, data aligned to ``ARRAY_ALIGN``)::
+(version 1.0, reserved header, data aligned to ``DATA_ALIGN``)::
 
     shard-000000.data.npy       # (length, *item_shape) of dtype: the shard's items, concatenated
     shard-000000.offsets.npy    # (rows + 1,) '<i8': item r is data[offsets[r]:offsets[r + 1]]
@@ -131,15 +137,16 @@ import numpy as np
 from .errors import (ArgumentTypeError, FormatError, ShardMismatchError, StoreNotFoundError, TruncatedStoreError,
                      UnsafePathError, UnsupportedDtypeError)
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MANIFEST_NAME", "ARRAY_ALIGN", "KINDS", "OFFSETS_DTYPE", "ShardInfo",
-           "Manifest", "check_dtype", "check_meta", "encode_manifest", "npy_header_bytes", "read_npy_header", "shard_name",
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MANIFEST_NAME", "ARRAY_ALIGN", "DATA_ALIGN", "KINDS", "OFFSETS_DTYPE", "ShardInfo",
+           "Manifest", "check_dtype", "check_meta", "encode_manifest", "npy_header_bytes", "final_npy_header", "read_npy_header", "shard_name",
            "describe"]
 
 FORMAT_NAME = "fastai_memmap"
 FORMAT_VERSION = 1            # bump on any change a version-1 reader would misread
 MANIFEST_NAME = "manifest.json"
 NPY_MAGIC = b"\x93NUMPY"      # numpy.lib.format.MAGIC_PREFIX
-ARRAY_ALIGN = 64              # numpy.lib.format.ARRAY_ALIGN: data start aligned for SIMD / mmap
+ARRAY_ALIGN = 64              # numpy.lib.format.ARRAY_ALIGN: the alignment numpy writes (stores before DATA_ALIGN)
+DATA_ALIGN = 4096             # data of new shards start on a page: a row <= 4 KiB dividing 4096 spans one page
 MAX_ROWS_DIGITS = 19          # len(str(2**63 - 1)): room reserved for the row count in a header
 MAX_MANIFEST_BYTES = 64 << 20  # a manifest larger than this is refused, not parsed
 MAX_META_BYTES = MAX_MANIFEST_BYTES - (1 << 20)   # the rest is room for the shard list (~150 bytes a shard)
@@ -186,18 +193,30 @@ def npy_header_bytes(dtype: np.dtype, shape: Tuple[int, ...], reserve: bool = Fa
     """Bytes of a version-1.0 ``.npy`` header for a C-order array of `dtype` and `shape`.
 
     With ``reserve=True`` the header is sized for any row count up to ``2**63 - 1`` (so it can be
-    rewritten in place later); with `length` it is padded to exactly `length` bytes (a multiple of
-    ``ARRAY_ALIGN``). Raises ``FormatError`` if the header does not fit in `length`.
+    rewritten in place later); with `length` it is padded to exactly `length` bytes, else to a
+    multiple of ``DATA_ALIGN`` (4096: the data start on a page), or of ``ARRAY_ALIGN`` (64) for an
+    array of no data bytes (numpy cannot map a file that ends where its data start). Raises
+    ``FormatError`` if the header does not fit in `length`.
     """
     if reserve:
         shape = (10 ** (MAX_ROWS_DIGITS - 1),) + tuple(shape[1:])
     text = _header_dict(dtype, shape)
     need = len(NPY_MAGIC) + 2 + 2 + len(text) + 1
-    total = length if length is not None else -(-need // ARRAY_ALIGN) * ARRAY_ALIGN
+    align = ARRAY_ALIGN if math.prod(shape) * dtype.itemsize == 0 else DATA_ALIGN
+    total = length if length is not None else -(-need // align) * align
     if need > total or total - 10 > 0xFFFF:
         raise FormatError(f"npy header for shape {shape}: needs {need} bytes, only {total} reserved")
     body = text + " " * (total - need) + "\n"
     return NPY_MAGIC + b"\x01\x00" + struct.pack("<H", len(body)) + body.encode("latin1")
+
+
+def final_npy_header(dtype: np.dtype, shape: Tuple[int, ...], reserved: int) -> bytes:
+    """The header a writer puts back at byte 0 of a finished shard that reserved `reserved` bytes:
+    exactly `reserved` bytes, or the short header of an array without data bytes (the writer then
+    truncates the file to it: numpy cannot map a file that ends where its data start)."""
+    if math.prod(shape) * np.dtype(dtype).itemsize == 0:
+        return npy_header_bytes(dtype, shape)
+    return npy_header_bytes(dtype, shape, length=reserved)
 
 
 def read_npy_header(path: Path) -> Tuple[np.dtype, Tuple[int, ...], int]:

@@ -20,7 +20,7 @@ from torch.utils.data.dataloader import default_collate
 
 from .batching import Collated
 from .errors import ArgumentError, ArgumentTypeError, LossyCastError
-from .sampling import shuffle_option
+from .sampling import BlockShuffle, shuffle_option
 
 __all__ = ["pad_ragged", "RaggedCollate", "BucketSampler", "RaggedDataBunch", "PAD_OUTPUTS", "BUCKET_BATCHES",
            "check_pad_value", "batch_dtype"]
@@ -220,14 +220,14 @@ class RaggedDataBunch(DataBunch):
                bucket_size: Optional[int] = None, shuffle: Any = True, **dl_kwargs: Any) -> "RaggedDataBunch":
         """Create a `RaggedDataBunch` from `train_ds`, `valid_ds` and maybe `test_ds` (training bucketed unless
         ``bucket=False``; ``shuffle='block'`` or a `BlockShuffle` samples it in block order instead of buckets)."""
-        block = shuffle_option(shuffle)   # refuses unknown values before any work
+        option = shuffle_option(shuffle)   # refuses unknown values before any work
         datasets = cls._init_ds(train_ds, valid_ds, test_ds)
         val_bs = ifnone(val_bs, bs)
         if collate_fn is data_collate:
             x = train_ds.x
             collate_fn = RaggedCollate(x.pad_value, x.pad_first, x.output)
-        if block is not None:
-            sampler = block.sampler(train_ds)
+        if isinstance(option, BlockShuffle):   # shuffle=True: buckets of similar lengths, in random order
+            sampler = option.sampler(train_ds, who=cls.__name__)
         else:
             sampler = BucketSampler(_lengths(train_ds), bs, bucket_size=bucket_size) if bucket else None
         dls = [DataLoader(train_ds, bs, shuffle=sampler is None, sampler=sampler, drop_last=True,

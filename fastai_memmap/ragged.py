@@ -15,7 +15,7 @@ import numpy as np
 
 from .errors import (ArgumentError, ItemShapeError, OffsetsError, RowIndexError, RowIndexTypeError,
                      ShardMismatchError, WriterStateError)
-from .format import OFFSETS_DTYPE, Manifest, ShardInfo, npy_header_bytes, shard_name
+from .format import OFFSETS_DTYPE, Manifest, ShardInfo, final_npy_header, npy_header_bytes, shard_name
 from .casting import cast_rows
 from .reader import ACCESS_HINTS, ADVISE_GAP, DEFAULT_MAX_OPEN, MemmapArray, check_verified
 from .writer import DEFAULT_SHARD_BYTES, MemmapWriter
@@ -431,7 +431,10 @@ class NpyStream:
     def finish(self) -> str:
         "Rewrite the header, fsync, close; return the data checksum ``sha256:<hex>``."
         self._f.seek(0)
-        self._f.write(npy_header_bytes(self.dtype, (self.rows,) + self.trailing, length=self._hlen))
+        head = final_npy_header(self.dtype, (self.rows,) + self.trailing, self._hlen)
+        self._f.write(head)
+        if len(head) < self._hlen:   # no data bytes: the short header, nothing after it
+            self._f.truncate(len(head))
         self._f.flush()
         os.fsync(self._f.fileno())
         self._f.close()

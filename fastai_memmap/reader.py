@@ -11,10 +11,11 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import numpy as np
 
 from .errors import (ArgumentError, ChecksumError, RowIndexError, RowIndexTypeError, ShardMismatchError, StoreChangedError,
+                     StoreIOError,
                      StoreNotFoundError, TruncatedStoreError, UnverifiedStoreError)
 from .format import MANIFEST_NAME, Manifest, ShardInfo, confined_path, describe, open_regular, read_npy_header
 
-__all__ = ["MemmapArray", "open_memmap", "DEFAULT_MAX_OPEN", "ACCESS_HINTS", "RANGE_HINTS"]
+__all__ = ["MemmapArray", "open_memmap", "DEFAULT_MAX_OPEN", "ACCESS_HINTS", "RANGE_HINTS", "READ_MODES"]
 
 DEFAULT_MAX_OPEN = 64       # mapped shards kept open at once; each mmap holds one file descriptor
 HASH_CHUNK = 16 << 20       # bytes hashed per read in verify(): big enough to amortise syscalls
@@ -25,6 +26,9 @@ PAGE = mmap.PAGESIZE        # madvise ranges start on a page boundary
 # madvise advice per hint name; None where this Python/OS lacks the constant (the hint is then a no-op)
 ACCESS_HINTS = {name: getattr(mmap, "MADV_" + name.upper(), None) for name in ("normal", "random", "sequential")}
 RANGE_HINTS = {name: getattr(mmap, "MADV_" + name.upper(), None) for name in ("willneed", "dontneed")}
+# 'evict': posix_fadvise(POSIX_FADV_DONTNEED) on the rows' file range (drops clean, unmapped pages from the cache)
+RANGE_HINTS["evict"] = getattr(os, "POSIX_FADV_DONTNEED", None)
+READ_MODES = ("mmap", "pread")   # how `read` gathers rows: from the memory maps, or by positioned reads
 # MADV_POPULATE_READ (Linux >= 5.14; Python's mmap module lacks the constant): read and map the pages now
 RANGE_HINTS["populate"] = getattr(mmap, "MADV_POPULATE_READ", 22 if sys.platform.startswith("linux") else None)
 
@@ -50,7 +54,7 @@ class MemmapArray:
 
     def __init__(self, path: Union[str, Path], manifest: Manifest, offsets: Optional[List[int]] = None,
                  max_open: int = DEFAULT_MAX_OPEN, _bare: bool = False, access: str = "normal",
-                 _idents: Optional[List[Ident]] = None):
+                 _idents: Optional[List[Ident]] = None, read_mode: str = "mmap"):
         self.path, self.manifest, self.max_open, self._bare = Path(path), manifest, int(max_open), _bare
         rows = [s.rows for s in manifest.shards]
         self._starts = np.concatenate([[0], np.cumsum(rows, dtype=np.int64)]).astype(np.int64)
@@ -61,6 +65,8 @@ class MemmapArray:
         self._maps: "OrderedDict[int, np.memmap]" = OrderedDict()
         self._views: Dict[int, np.ndarray] = {}   # plain ndarray views of the maps: no memmap overhead per read
         self._access = _check_hint(access, ACCESS_HINTS)
+        self._read_mode = _check_read_mode(read_mode)
+        self._fds: Dict[int, int] = {}   # pread mode: one read-only descriptor per shard, opened on first read
 
     # ---------------------------------------------------------------- opening
     @classmethod
@@ -180,7 +186,7 @@ class MemmapArray:
     # ---------------------------------------------------------------- pickling
     def __reduce__(self):
         return (_rebuild, (str(self.path), self.manifest.to_dict(), self._offsets, self.max_open, self._bare,
-                           self._access, _pack_idents(self._idents)))
+                           self._access, _pack_idents(self._idents), self._read_mode))
 
     # ---------------------------------------------------------------- maps
     def _map(self, k: int) -> np.ndarray:
@@ -244,9 +250,79 @@ class MemmapArray:
                 f"{_show(_ident(st))}; store replaced or rewritten since (or copied elsewhere): open it again")
 
     def close(self) -> None:
-        "Drop every map (and its file descriptor). The array stays usable: maps reopen on access."
+        "Drop every map and descriptor. The array stays usable: maps and descriptors reopen on access."
         self._maps.clear()
         self._views.clear()
+        fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            os.close(fd)
+
+    def __del__(self):
+        for fd in getattr(self, "_fds", {}).values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    # ---------------------------------------------------------------- positioned reads
+    @property
+    def read_mode(self) -> str:
+        "How `read` gathers rows: ``'mmap'`` (from the memory maps, the default) or ``'pread'``."
+        return self._read_mode
+
+    def set_read_mode(self, mode: str) -> "MemmapArray":
+        """Choose how `read` (and slicing, fancy indexing) gathers rows; returns `self`.
+
+        ``'mmap'`` (default): copies from the memory maps, the fastest when the store is in the page
+        cache. ``'pread'``: one ``preadv`` per run of adjacent rows into the result, so no page of the
+        store is ever mapped into this process: for stores larger than memory, read in random order,
+        where mapped pages (promoted by the kernel as recently used) would push out the pages read
+        ahead for the next batches, and every row would be read twice. Kept by pickles (DataLoader
+        workers). Results are identical in both modes. Raises ``ArgumentError`` for another `mode`.
+        """
+        self._read_mode = _check_read_mode(mode)
+        return self
+
+    def _fd(self, k: int) -> int:
+        fd = self._fds.get(k)
+        if fd is None:
+            fp = self.path / self.manifest.shards[k].file
+            with _open_shard(fp) as f:   # identity checked on the descriptor that is kept
+                self._check_same_file(k, fp, os.fstat(f.fileno()))
+                fd = self._fds[k] = os.dup(f.fileno())
+        return fd
+
+    def _pread_rows(self, k: int, local: np.ndarray, dest: np.ndarray, out: np.ndarray) -> None:
+        "Read shard `k`'s rows `local` (sorted) into ``out[dest]`` with one ``preadv`` per run of adjacent rows."
+        rb = self.manifest.row_bytes
+        if rb == 0 or len(local) == 0:
+            return
+        fd, base = self._fd(k), self._offsets[k]
+        flat = out.reshape(-1).view(np.uint8).reshape(len(out), rb)
+        cuts = np.flatnonzero(np.diff(local) != 1) + 1
+        starts = np.concatenate([[0], cuts]).tolist()
+        ends = np.concatenate([cuts, [len(local)]]).tolist()
+        rows, dests = local.tolist(), dest.tolist()
+        for a, b in zip(starts, ends):
+            want = (b - a) * rb
+            try:
+                got = os.preadv(fd, [flat[d] for d in dests[a:b]], base + rows[a] * rb)
+            except OSError as e:
+                raise StoreIOError(e.errno, f"{self.path / self.manifest.shards[k].file}: expected to read "
+                                   f"{want} bytes at byte {base + rows[a] * rb}, found {e.strerror}") from e
+            if got != want:
+                raise StoreChangedError(
+                    f"{self.path / self.manifest.shards[k].file}: expected {want} bytes at byte {base + rows[a] * rb}, "
+                    f"read {got}; file truncated or rewritten while in use: open the store again")
+
+    def _read_pread(self, idx: np.ndarray, out: np.ndarray) -> np.ndarray:
+        order = np.argsort(idx, kind="stable")
+        sidx = idx[order]
+        bounds = np.searchsorted(sidx, self._starts)
+        for k in np.flatnonzero(np.diff(bounds)):
+            a, b = bounds[k], bounds[k + 1]
+            self._pread_rows(int(k), sidx[a:b] - self._starts[k], order[a:b], out)
+        return out
 
     # ---------------------------------------------------------------- access hints
     @property
@@ -254,7 +330,7 @@ class MemmapArray:
         "The access-pattern hint applied to every map (``'normal'``, ``'random'`` or ``'sequential'``)."
         return self._access
 
-    def advise(self, hint: str, rows: Any = None) -> None:
+    def advise(self, hint: str, rows: Any = None, merge_bytes: int = ADVISE_GAP) -> None:
         """Tell the kernel how rows will be read (``madvise``); a hint, never a change of results.
 
         Parameters
@@ -266,11 +342,16 @@ class MemmapArray:
             Or a one-off request on `rows`: ``'willneed'`` (start reading them from disk in the
             background, in large requests, into the page cache shared by every process),
             ``'populate'`` (read them and map them into this process now, blocking until done:
-            later reads of them take no page fault; a no-op before Linux 5.14) or ``'dontneed'``
-            (unmap them from this process; the page cache keeps them).
+            later reads of them take no page fault; a no-op before Linux 5.14), ``'dontneed'``
+            (unmap them from this process; the page cache keeps them) or ``'evict'`` (also remove
+            them from the page cache where no process maps them: ``POSIX_FADV_DONTNEED``, for
+            consumed rows of a store larger than memory; the next read of them goes to the disk).
         rows : int array-like, optional
             Only for the one-off hints: the row numbers concerned (default: every row).
-            Rows less than 256 KiB apart are merged into one range.
+        merge_bytes : int
+            Rows less than this many bytes apart are merged into one range (one large request; default
+            `ADVISE_GAP`, 256 KiB, for block order). ``0`` merges only adjacent rows: for random
+            order, where a merged gap would be read for nothing.
 
         Raises
         ------
@@ -282,7 +363,7 @@ class MemmapArray:
         if hint in ACCESS_HINTS:
             if rows is not None:
                 raise ArgumentError(f"{self.path}: access hint {hint!r} applies to whole maps, found rows=...; "
-                                 "pass rows only with 'willneed', 'populate' or 'dontneed'")
+                                    "pass rows only with 'willneed', 'populate', 'dontneed' or 'evict'")
             self._access = hint
             for m in self._maps.values():
                 _madvise(m, ACCESS_HINTS[hint])
@@ -294,8 +375,17 @@ class MemmapArray:
         bounds = np.searchsorted(idx, self._starts)
         for k in np.flatnonzero(np.diff(bounds)):
             local = idx[bounds[k]:bounds[k + 1]] - self._starts[k]
+            ranges = _row_ranges(local, self.manifest.row_bytes, merge_bytes)
+            if hint == "evict":
+                fd, base = self._fd(int(k)), self._offsets[k]
+                for lo, hi in ranges:
+                    try:
+                        os.posix_fadvise(fd, base + lo, hi - lo, advice)
+                    except OSError:   # a hint: refusing it changes nothing
+                        pass
+                continue
             m = self._map(int(k))
-            for lo, hi in _row_ranges(local, self.manifest.row_bytes):
+            for lo, hi in ranges:
                 _madvise(m, advice, lo, hi)
 
     # ---------------------------------------------------------------- indexing
@@ -376,6 +466,8 @@ class MemmapArray:
                                 f"{out.shape} {out.dtype}{'' if out.flags.writeable else ', read-only'}")
         if len(idx) == 0:
             return out
+        if self._read_mode == "pread" and out.flags.c_contiguous:
+            return self._read_pread(idx, out)
         lo, hi = int(idx.min()), int(idx.max())
         k = int(np.searchsorted(self._starts, lo, side="right") - 1)
         if hi < self._starts[k + 1]:   # one shard (the common case): one gather straight into `out`
@@ -503,6 +595,12 @@ def _check_size(fp: Path, m: Manifest, rows: int, offset: int, changed: bool = F
     return st
 
 
+def _check_read_mode(mode: Any) -> str:
+    if not isinstance(mode, str) or mode not in READ_MODES:
+        raise ArgumentError(f"read_mode: expected one of {READ_MODES}, found {mode!r:.50}")
+    return mode
+
+
 def _check_hint(hint: str, hints: Dict[str, Optional[int]]) -> str:
     if hint not in hints:
         known = sorted(set(ACCESS_HINTS) | set(RANGE_HINTS))
@@ -527,9 +625,9 @@ def _madvise(m: np.ndarray, advice: Optional[int], lo: int = 0, hi: Optional[int
             pass
 
 
-def _row_ranges(rows: np.ndarray, row_bytes: int) -> List[Tuple[int, int]]:
-    "Byte ranges ``[lo, hi)`` covering sorted unique `rows`, merging rows closer than `ADVISE_GAP` bytes."
-    gap_rows = max(1, ADVISE_GAP // row_bytes)
+def _row_ranges(rows: np.ndarray, row_bytes: int, merge_bytes: int = ADVISE_GAP) -> List[Tuple[int, int]]:
+    "Byte ranges ``[lo, hi)`` covering sorted unique `rows`, merging rows closer than `merge_bytes` bytes."
+    gap_rows = max(1, merge_bytes // row_bytes)
     breaks = np.flatnonzero(np.diff(rows) > gap_rows)
     firsts = np.concatenate([[rows[0]], rows[breaks + 1]])
     lasts = np.concatenate([rows[breaks], [rows[-1]]])
@@ -537,14 +635,14 @@ def _row_ranges(rows: np.ndarray, row_bytes: int) -> List[Tuple[int, int]]:
 
 
 def _rebuild(path: str, manifest: Dict[str, Any], offsets: List[int], max_open: int, bare: bool,
-             access: str = "normal", idents: Optional[bytes] = None) -> MemmapArray:
+             access: str = "normal", idents: Optional[bytes] = None, read_mode: str = "mmap") -> MemmapArray:
     if bare:  # a bare .npy: its name need not be a valid shard name, re-read its header instead
         a = MemmapArray._open_npy(Path(path) / manifest["shards"][0]["file"], max_open)
         a._access = access
         a._idents = _unpack_idents(idents) or a._idents   # the file the pickled array was opened on
-        return a
+        return a.set_read_mode(read_mode)
     return MemmapArray(path, Manifest.from_dict(manifest, where=path), offsets, max_open=max_open, access=access,
-                       _idents=_unpack_idents(idents))
+                       _idents=_unpack_idents(idents), read_mode=read_mode)
 
 
 # ---------------------------------------------------------------- file identity

@@ -23,10 +23,6 @@ Use it through ``databunch(shuffle='block')`` or ``databunch(shuffle=BlockShuffl
 on a `MemmapItemList`: the training loader then samples with a `BlockShuffleSampler`; the other
 loaders keep fastai's order.
 """
-import os
-import queue
-import sys
-import threading
 import warnings
 from dataclasses import dataclass
 from typing import Any, Iterator, List, Optional, Union
@@ -35,51 +31,22 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
+from .arguments import SEED_LIMIT, check_int as _int, check_positive as _positive, check_rank as _check_rank, \
+    check_seed as _check_seed
 from .errors import ArgumentError, ArgumentTypeError
+from .memory import memory_budget
+from .random_order import RandomShuffle, ReadStrategyWarning, store_bytes
+from .readahead import (READAHEAD_WINDOWS, WINDOW_TIMEOUT, Readahead, StoreReadahead, iter_windows, store_rows,
+                        store_targets)
 
 __all__ = ["BlockShuffleSampler", "BlockShuffle", "StoreReadahead", "block_shuffle_order", "use_sampler",
            "shuffle_option", "DEFAULT_BLOCK_BYTES", "DEFAULT_WINDOW_BLOCKS", "READAHEAD_WINDOWS",
-           "WINDOW_TIMEOUT"]
+           "WINDOW_TIMEOUT", "RandomShuffle", "fit_in_flight", "MIN_BLOCK_BYTES"]
 
 DEFAULT_BLOCK_BYTES = 16 << 20  # bytes of contiguous rows per block: sequential reads at disk speed (4 MiB: ~20% slower)
 DEFAULT_WINDOW_BLOCKS = 8       # blocks whose rows are mixed together; 8 x 16 MiB stays small next to RAM
-READAHEAD_WINDOWS = 2           # windows asked for ahead of the one being read: keeps the disk queue busy
-WINDOW_TIMEOUT = 60.0           # seconds the reader waits for a window's readahead before reading it itself
+MIN_BLOCK_BYTES = 1 << 20       # smallest block under memory pressure: still one large sequential request
 MAX_WINDOW_LOOP = 4096          # up to this many windows, each is permuted on its own (faster than one argsort)
-SEED_LIMIT = 2 ** 63            # seeds in [0, SEED_LIMIT): each gives its own order (none wraps onto another)
-
-
-def _int(name: str, value: Any, lo: int, hi: Optional[int] = None) -> int:
-    "`value` as an int in ``[lo, hi)``: ``ArgumentTypeError`` for a non-int (bools too), ``ArgumentError`` out of range."
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise ArgumentTypeError(f"expected {name} to be an int, found {value!r:.100} ({type(value).__name__})")
-    if value < lo or (hi is not None and value >= hi):
-        bound = f">= {lo}" if hi is None else f"in [{lo}, {hi})"
-        raise ArgumentError(f"expected {name} {bound}, found {value}")
-    return int(value)
-
-
-def _positive(name: str, value: Any) -> int:
-    return _int(name, value, 1)
-
-
-def _check_rank(num_replicas: Any, rank: Any) -> None:
-    _int("rank", rank, 0, _positive("num_replicas", num_replicas))
-
-
-def _check_seed(seed: Any, num_replicas: int) -> Optional[int]:
-    """`seed` as an int in ``[0, SEED_LIMIT)``, or None (one process only: each rank would draw its own
-    seed, so their parts of the epoch would overlap and miss rows)."""
-    if seed is None:
-        if num_replicas > 1:
-            raise ArgumentError(f"seed: expected an int shared by every rank with num_replicas={num_replicas}, found "
-                                "None (each rank would draw its own order: parts overlap and rows are missed); "
-                                "pass the same seed=... on every rank")
-        return None
-    if isinstance(seed, (int, np.integer)) and not isinstance(seed, (bool, np.bool_)) and not 0 <= seed < SEED_LIMIT:
-        raise ArgumentError(f"seed: expected an int in [0, 2**63), found {seed}; a seed outside would wrap onto "
-                            "another seed's order")
-    return _int("seed", seed, 0, SEED_LIMIT)
 
 
 def _rank_slice(n: int, num_replicas: int, rank: int) -> slice:
@@ -171,53 +138,6 @@ def _plan(n, block_rows, window_blocks, seed, epoch, num_replicas, rank, keys, b
     return order[part], window[part]
 
 
-class _Readahead:
-    """Runs `prefetch` on the windows asked for, in order, in a daemon thread.
-
-    `ask` returns an event set once the window is read (or readahead gave up), so the reader can
-    wait for it instead of faulting the same pages in concurrently (two competing streams of reads
-    on one disk). A failure warns once; later windows are then released at once, unread.
-    """
-
-    def __init__(self, prefetch: Any):
-        self.prefetch = prefetch
-        self.q: "queue.Queue" = queue.Queue()
-        self.stopped = threading.Event()
-        self.dead = False
-        self.thread = threading.Thread(target=self._run, name="fastai_memmap-readahead", daemon=True)
-        self.thread.start()
-
-    def ask(self, positions: np.ndarray) -> threading.Event:
-        "Queue the window of `positions`; the event is set once it is read."
-        done = threading.Event()
-        if self.dead:
-            done.set()
-        else:
-            self.q.put((positions, done))
-        return done
-
-    def close(self) -> None:
-        "Stop after the window in progress; the thread ends on its own (an abandoned epoch does not wait)."
-        self.stopped.set()
-        self.q.put(None)
-
-    def _run(self) -> None:
-        while True:
-            item = self.q.get()
-            if item is None or self.stopped.is_set():
-                return
-            positions, done = item
-            try:
-                if not self.dead:
-                    self.prefetch(positions)
-            except Exception as e:   # a hint that fails must not stop training
-                self.dead = True
-                warnings.warn(f"BlockShuffleSampler: readahead failed ({type(e).__name__}: {e}); "
-                              "continuing without it")
-            finally:
-                done.set()
-
-
 class BlockShuffleSampler(Sampler):
     """Sampler yielding a block-shuffled order of ``range(n)`` (see the module docstring).
 
@@ -244,6 +164,11 @@ class BlockShuffleSampler(Sampler):
         order), in order, at most `READAHEAD_WINDOWS` windows ahead of the reader; the sampler
         yields a window once its readahead returned (at most `WINDOW_TIMEOUT` seconds later). A
         failure warns once and ends readahead for the epoch.
+    readahead_windows : int
+        Windows asked for ahead of the one being read (default `READAHEAD_WINDOWS`).
+    drop_consumed : bool
+        Call ``prefetch.drop(positions)`` on each window once the next one is being read (stores
+        larger than memory: consumed pages are the ones the kernel reclaims).
     epoch : int
         First epoch. Each ``iter()`` uses the current epoch and then advances it, so successive
         epochs differ without a ``set_epoch`` call; `set_epoch` pins it explicitly.
@@ -251,7 +176,8 @@ class BlockShuffleSampler(Sampler):
 
     def __init__(self, n: int, block_rows: int = DEFAULT_BLOCK_BYTES // 4096,
                  window_blocks: int = DEFAULT_WINDOW_BLOCKS, seed: Optional[int] = None, num_replicas: int = 1,
-                 rank: int = 0, keys: Optional[Any] = None, prefetch: Any = None, epoch: int = 0):
+                 rank: int = 0, keys: Optional[Any] = None, prefetch: Any = None, epoch: int = 0,
+                 readahead_windows: int = READAHEAD_WINDOWS, drop_consumed: bool = False):
         self.n, self.block_rows, self.window_blocks = _int("n", n, 0), _positive("block_rows", block_rows), \
             _positive("window_blocks", window_blocks)
         _check_rank(num_replicas, rank)
@@ -262,6 +188,7 @@ class BlockShuffleSampler(Sampler):
         if self.keys is not None and self.keys.shape != (self.n,):
             raise ArgumentError(f"expected keys of shape ({self.n},) (one per position), found {self.keys.shape}")
         self.prefetch, self.epoch = prefetch, _int("epoch", epoch, 0)
+        self.readahead_windows, self.drop_consumed = _positive("readahead_windows", readahead_windows), bool(drop_consumed)
         self._base = None if self.n == 0 else _base_order(self.n, self.keys)
         self._cached: Optional[tuple] = None   # (epoch, order, window): the plan is computed once per epoch
 
@@ -291,54 +218,9 @@ class BlockShuffleSampler(Sampler):
         return self._iter_prefetching(order, window)
 
     def _iter_prefetching(self, order: np.ndarray, window: np.ndarray) -> Iterator[int]:
-        cuts = np.flatnonzero(np.diff(window)) + 1
-        parts = np.split(order, cuts) if len(order) else []
-        ahead = _Readahead(self.prefetch)
-        try:
-            ready = [ahead.ask(parts[w]) for w in range(min(READAHEAD_WINDOWS, len(parts)))]
-            for w, part in enumerate(parts):
-                if w + READAHEAD_WINDOWS < len(parts):
-                    ready.append(ahead.ask(parts[w + READAHEAD_WINDOWS]))
-                ready[w].wait(WINDOW_TIMEOUT)   # read by the thread: no competing page faults on the disk
-                yield from part.tolist()
-        finally:
-            ahead.close()
-
-
-class StoreReadahead:
-    """Readahead of the store rows behind dataset positions, for `BlockShuffleSampler`.
-
-    Called with the positions of an upcoming window, it reads their rows and maps them into this
-    process (``advise('populate')``, ``MADV_POPULATE_READ``): the page faults (and the kernel's
-    readahead, sequential within each block) happen in the readahead thread, so the reading thread
-    takes none. Before Linux 5.14 it asks for them with ``advise('willneed')`` instead. (Measured on
-    a virtual disk: ``populate`` alone kept the disk busier than ``willneed`` + ``populate``.)
-
-    Parameters
-    ----------
-    targets : list of (MemmapArray, int64 array)
-        Each store with the store row of every dataset position.
-    """
-
-    def __init__(self, targets: List[tuple]):
-        self.targets = targets
-        self.hint = "populate" if _kernel_at_least(5, 14) else "willneed"
-
-    def __call__(self, positions: np.ndarray) -> None:
-        "Read (and map) the rows of `positions`; blocks until done with ``'populate'``."
-        for store, rows in self.targets:
-            store.advise(self.hint, rows[positions])
-
-
-def _kernel_at_least(major: int, minor: int) -> bool:
-    "Whether this is Linux >= major.minor (where ``MADV_POPULATE_READ`` exists)."
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        found = tuple(int(v) for v in os.uname().release.split("-")[0].split(".")[:2])
-    except ValueError:
-        return False
-    return found >= (major, minor)
+        drop = getattr(self.prefetch, "drop", None) if self.drop_consumed else None
+        ahead = Readahead(self.prefetch, drop, who="BlockShuffleSampler")
+        return iter_windows(order, window, ahead, self.readahead_windows, lag=1)
 
 
 @dataclass(frozen=True)
@@ -361,6 +243,12 @@ class BlockShuffle:
         This process's part of each epoch (see `BlockShuffleSampler`).
     readahead : bool
         Read and map upcoming windows in a background thread (`StoreReadahead`).
+
+    When the stores (x and y) are larger than the memory this process may use
+    (`fastai_memmap.memory.memory_budget`), the sampler keeps the bytes in flight (windows read
+    ahead, the current one, the one just consumed) under a quarter of it: fewer windows ahead
+    first, then fewer blocks per window, then smaller blocks (down to 1 MiB), and it drops
+    consumed windows from the page cache; said once in a `ReadStrategyWarning`.
     """
     block_bytes: int = DEFAULT_BLOCK_BYTES
     window_blocks: int = DEFAULT_WINDOW_BLOCKS
@@ -377,46 +265,64 @@ class BlockShuffle:
         if not isinstance(self.readahead, (bool, np.bool_)):
             raise ArgumentTypeError(f"expected readahead to be a bool, found {self.readahead!r:.100}")
 
-    def sampler(self, dataset: Any) -> BlockShuffleSampler:
+    def sampler(self, dataset: Any, who: str = "databunch") -> BlockShuffleSampler:
         """A `BlockShuffleSampler` for `dataset` (a `LabelList` or `ItemList`).
 
         Blocks follow the store rows of ``dataset.x`` when it is a store-backed list (any object
         with ``items`` and a ``store``); readahead covers the stores of ``x`` and ``y``.
         """
         x = getattr(dataset, "x", dataset)
-        store, rows = getattr(x, "store", None), _rows(x)
-        row_bytes = store.manifest.row_bytes if store is not None else 4096
-        block_rows = max(1, self.block_bytes // max(1, row_bytes))
-        prefetch = _store_prefetch([x, getattr(dataset, "y", None)]) if self.readahead else None
-        return BlockShuffleSampler(len(dataset), block_rows, self.window_blocks, self.seed, self.num_replicas,
-                                   self.rank, keys=rows, prefetch=prefetch)
+        store, rows = getattr(x, "store", None), store_rows(x)
+        row_bytes = max(1, store.manifest.row_bytes if store is not None else 4096)
+        block_rows = max(1, self.block_bytes // row_bytes)
+        targets = store_targets([x, getattr(dataset, "y", None)])
+        ahead, window_blocks, big = READAHEAD_WINDOWS, self.window_blocks, False
+        if targets and self.readahead:
+            size, budget = store_bytes(targets), memory_budget()
+            big = size > budget
+            if big:
+                ahead, window_blocks, block_rows = fit_in_flight(budget // 4, row_bytes, block_rows, window_blocks)
+                warnings.warn(f"{who}: shuffle='block' over {size / 1e9:.2f} GB of stores, more than the "
+                              f"{budget / 1e9:.2f} GB of memory this process may use: windows of {window_blocks} x "
+                              f"{block_rows * row_bytes / 2 ** 20:.1f} MiB, {ahead} ahead, consumed windows dropped "
+                              "from the page cache", ReadStrategyWarning, stacklevel=4)
+        prefetch = StoreReadahead(targets, evict=big) if targets and self.readahead else None
+        return BlockShuffleSampler(len(dataset), block_rows, window_blocks, self.seed, self.num_replicas,
+                                   self.rank, keys=rows, prefetch=prefetch, readahead_windows=ahead,
+                                   drop_consumed=big)
 
 
-def _rows(il: Any) -> Optional[np.ndarray]:
-    "Store rows of the items of `il` if it is a store-backed list with one row per item, else None."
-    items = getattr(il, "items", None)
-    if getattr(il, "store", None) is None or not isinstance(items, np.ndarray) or items.ndim != 1 \
-            or items.dtype.kind not in "iu" or len(items) != len(il):
-        return None
-    return np.asarray(items)
+def fit_in_flight(limit: int, row_bytes: int, block_rows: int, window_blocks: int) -> tuple:
+    """``(windows ahead, window_blocks, block_rows)`` whose bytes in flight, ``(ahead + 2)`` windows
+    (those read ahead, the current one, the one just consumed), stay under `limit` bytes: fewer
+    windows ahead first (down to 1), then fewer blocks per window (down to 1), then smaller blocks
+    (down to `MIN_BLOCK_BYTES` of rows, at least one row). Sizes in rows and bytes."""
+    ahead = READAHEAD_WINDOWS
+    floor = max(1, min(block_rows, MIN_BLOCK_BYTES // row_bytes))
+
+    def in_flight() -> int:
+        return (ahead + 2) * window_blocks * block_rows * row_bytes
+    while in_flight() > limit and ahead > 1:
+        ahead -= 1
+    while in_flight() > limit and window_blocks > 1:
+        window_blocks = max(1, window_blocks // 2)
+    while in_flight() > limit and block_rows > floor:
+        block_rows = max(floor, block_rows // 2)
+    return ahead, window_blocks, block_rows
 
 
-def _store_prefetch(lists: List[Any]) -> Optional[StoreReadahead]:
-    "A `StoreReadahead` over the stores of the store-backed lists of `lists`, or None if there are none."
-    targets = [(il.store, rows) for il in lists if il is not None for rows in [_rows(il)] if rows is not None]
-    return StoreReadahead(targets) if targets else None
-
-
-def shuffle_option(shuffle: Union[bool, str, BlockShuffle]) -> Optional[BlockShuffle]:
-    """Parse the ``shuffle`` option of the data bunches: True (fastai's random order) gives None,
-    ``'block'`` or a `BlockShuffle` gives a `BlockShuffle`. Raises ``ArgumentError`` otherwise."""
-    if shuffle is True or shuffle == "random":
-        return None
-    if shuffle == "block":
+def shuffle_option(shuffle: Union[bool, str, BlockShuffle, RandomShuffle]) -> Union[BlockShuffle, RandomShuffle]:
+    """Parse the ``shuffle`` option of the data bunches: True or ``'random'`` gives ``RandomShuffle()``
+    (uniform random order; fastai's sampler unless the stores are larger than memory), ``'block'`` or
+    a `BlockShuffle` gives a `BlockShuffle`, a `RandomShuffle` itself. Raises ``ArgumentError`` otherwise."""
+    if shuffle is True or (isinstance(shuffle, str) and shuffle == "random"):
+        return RandomShuffle()
+    if isinstance(shuffle, str) and shuffle == "block":
         return BlockShuffle()
-    if isinstance(shuffle, BlockShuffle):
+    if isinstance(shuffle, (BlockShuffle, RandomShuffle)):
         return shuffle
-    raise ArgumentError(f"expected shuffle=True, 'random', 'block' or a BlockShuffle, found {shuffle!r:.100}")
+    raise ArgumentError(f"expected shuffle=True, 'random', 'block', a BlockShuffle or a RandomShuffle, found "
+                        f"{shuffle!r:.100}")
 
 
 def use_sampler(ddl: Any, sampler: Sampler) -> Any:

@@ -32,7 +32,7 @@ from .errors import (ArgumentError, ArgumentTypeError, ItemShapeError, MemmapErr
                      StoreExistsError, StoreIOError, StoreWriteError, UnsafePathError, WriterConflictError,
                      WriterStateError)
 from .format import (MANIFEST_NAME, Manifest, ShardInfo, check_dtype, check_meta, encode_manifest,
-                     npy_header_bytes, shard_name)
+                     final_npy_header, npy_header_bytes, shard_name)
 
 __all__ = ["MemmapWriter", "save_memmap", "DEFAULT_SHARD_BYTES", "TMP_MARK", "check_replaceable",
            "check_no_overlap", "os_error", "WriterGroup", "commit_group"]
@@ -220,7 +220,10 @@ class MemmapWriter:
         f = self._f
         hlen = len(npy_header_bytes(self.dtype, (0,) + self.item_shape, reserve=True))
         f.seek(0)
-        f.write(npy_header_bytes(self.dtype, (rows,) + self.item_shape, length=hlen))
+        head = final_npy_header(self.dtype, (rows,) + self.item_shape, hlen)
+        f.write(head)
+        if len(head) < hlen:   # no data bytes: the short header, nothing after it
+            f.truncate(len(head))
         f.flush()
         os.fsync(f.fileno())
         f.close()

@@ -19,7 +19,7 @@ from hypothesis import given, settings, strategies as st
 from fastai_memmap import MemmapArray, MemmapWriter, save_memmap
 from fastai_memmap.errors import (WriterStateError, ItemShapeError, MemmapError, StoreExistsError, StoreWriteError,
                                   UnsupportedDtypeError, WriterConflictError)
-from fastai_memmap.format import ARRAY_ALIGN, MANIFEST_NAME
+from fastai_memmap.format import DATA_ALIGN, MANIFEST_NAME
 from fastai_memmap import writer as writer_module
 from fastai_memmap.writer import OLD_MARK, TMP_MARK
 
@@ -50,7 +50,7 @@ def check_store(path, x, shard_rows=None):
     assert b"".join(p.tobytes() for p in parts) == x.tobytes()
     for f in a.shard_files:
         head = f.read_bytes()[:10]
-        assert head[:8] == b"\x93NUMPY\x01\x00" and (10 + int.from_bytes(head[8:10], "little")) % ARRAY_ALIGN == 0
+        assert head[:8] == b"\x93NUMPY\x01\x00" and (10 + int.from_bytes(head[8:10], "little")) % DATA_ALIGN == 0
     if shard_rows is not None:
         rows = [len(p) for p in parts]
         assert len(rows) == max(1, -(-len(x) // shard_rows))
