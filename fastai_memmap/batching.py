@@ -169,7 +169,7 @@ def _create(cls, base, train_ds, *args, collate_fn=data_collate, shuffle=True, n
     # checked once the sampler is in place: a first batch in fastai's order would read all over a cold store
     data = super(base, cls).create(train_ds, *args, collate_fn=collate_fn, num_workers=workers, dl_tfms=dl_tfms,
                                    no_check=True, **kwargs)
-    sampler = (option.sampler(data.train_ds, who=cls.__name__) if isinstance(option, BlockShuffle)
+    sampler = (option.sampler(data.train_ds, who=cls.__name__, workers=workers) if isinstance(option, BlockShuffle)
                else option.sampler(data.train_ds, data.train_dl.batch_size, who=cls.__name__))
     if sampler is not None:
         use_sampler(data.train_dl, sampler)

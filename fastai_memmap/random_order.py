@@ -32,7 +32,8 @@ from .errors import ArgumentTypeError
 from .memory import memory_budget
 from .readahead import Readahead, StoreReadahead, iter_windows, store_targets
 
-__all__ = ["RandomOrderSampler", "RandomShuffle", "ReadStrategyWarning", "RANDOM_BATCHES_AHEAD", "store_bytes"]
+__all__ = ["RandomOrderSampler", "RandomShuffle", "ReadStrategyWarning", "RANDOM_BATCHES_AHEAD", "store_bytes",
+           "use_pread"]
 
 RANDOM_BATCHES_AHEAD = 4   # batches hinted ahead: 4 x 256 rows in flight keep a disk's queue (QD 32-64) full
 
@@ -138,19 +139,29 @@ class RandomShuffle:
         targets = store_targets([getattr(dataset, "x", dataset), getattr(dataset, "y", None)])
         if not targets or self.readahead is False:
             return None
+        size, budget = store_bytes(targets), memory_budget()
         if self.readahead is None:
-            size, budget = store_bytes(targets), memory_budget()
             if size <= budget:
                 return None
             warnings.warn(f"{who}: shuffle=True over {_gb(size)} of stores, more than the {_gb(budget)} of memory "
                           f"this process may use: reading each batch's rows with pread, {self.batches_ahead} batches "
                           "ahead (uniform random order kept; disk-bound); shuffle='block' reads at the disk's "
                           "bandwidth", ReadStrategyWarning, stacklevel=4)
-        for store, _ in targets:
-            if hasattr(store, "set_read_mode"):
-                store.set_read_mode("pread")
+        use_pread(targets, budget)
         prefetch = StoreReadahead(targets, hint="willneed", merge_bytes=0)
         return RandomOrderSampler(len(dataset), batch_size, self.seed, prefetch, self.batches_ahead)
+
+
+def use_pread(targets: List[tuple], budget: int) -> List[Any]:
+    """Switch the dense stores of `targets` that matter for memory (more than a quarter of `budget`
+    bytes) to ``pread`` reads (`MemmapArray.set_read_mode`); small ones (labels) keep their maps,
+    which stay hot. Returns the stores switched."""
+    switched: List[Any] = []
+    for store, _ in targets:
+        if hasattr(store, "set_read_mode") and store.nbytes * 4 > budget and all(store is not s for s in switched):
+            store.set_read_mode("pread")
+            switched.append(store)
+    return switched
 
 
 def _gb(n: int) -> str:

@@ -47,12 +47,23 @@ class Readahead:
         self.thread.start()
 
     def ask(self, positions: np.ndarray) -> threading.Event:
-        "Queue the window of `positions`; the event is set once it is read."
+        """Queue the window of `positions`; the event is set once it is read. A `prefetch` with a
+        ``start`` method gets it called here, in the asking thread, first (cheap asynchronous hints,
+        so the disk queues this window while the thread still works on earlier ones)."""
         done = threading.Event()
         if self.dead:
             done.set()
-        else:
-            self.q.put((self.prefetch, positions, done))
+            return done
+        start = getattr(self.prefetch, "start", None)
+        if start is not None:
+            try:
+                start(positions)
+            except Exception as e:   # a hint that fails must not stop training
+                self.dead = True
+                warnings.warn(f"{self.who}: readahead failed ({type(e).__name__}: {e}); continuing without it")
+                done.set()
+                return done
+        self.q.put((self.prefetch, positions, done))
         return done
 
     def release(self, positions: np.ndarray) -> None:
@@ -117,7 +128,12 @@ class StoreReadahead:
     targets : list of (store, int64 array)
         Each store (`MemmapArray`, `RaggedArray` or `SparseArray`) with the store row of every position.
     hint : str, optional
-        ``'populate'``, ``'willneed'`` or None (populate where the kernel has it).
+        ``'populate'``, ``'willneed'``, ``'auto'`` (populate where the kernel has it, else willneed)
+        or None (nothing), applied by the background thread (`__call__`).
+    early : str, optional
+        A hint applied by `start`, when the window is asked for (``'willneed'`` for stores larger than
+        memory: the exact ranges are queued at once, several windows ahead, and no readahead beyond
+        them starts, which a populating page fault would do).
     merge_bytes : int, optional
         Rows of dense stores closer than this are hinted as one range (default: the store's own,
         256 KiB); 0 for random order, where the gap would be read for nothing.
@@ -125,19 +141,27 @@ class StoreReadahead:
         `drop` also removes the consumed rows from the page cache (stores larger than memory).
     """
 
-    def __init__(self, targets: List[tuple], hint: Optional[str] = None, merge_bytes: Optional[int] = None,
-                 evict: bool = False):
+    def __init__(self, targets: List[tuple], hint: Optional[str] = "auto", merge_bytes: Optional[int] = None,
+                 evict: bool = False, early: Optional[str] = None):
         self.targets = targets
-        self.hint = hint or ("populate" if kernel_at_least(5, 14) else "willneed")
-        self.merge_bytes, self.evict = merge_bytes, bool(evict)
+        self.hint = ("populate" if kernel_at_least(5, 14) else "willneed") if hint == "auto" else hint
+        self.early, self.merge_bytes, self.evict = early, merge_bytes, bool(evict)
 
     def _kw(self, store: Any) -> dict:
         return {} if self.merge_bytes is None or store.kind != "dense" else {"merge_bytes": self.merge_bytes}
 
     def __call__(self, positions: np.ndarray) -> None:
         "Hint the rows of `positions`; blocks until they are read with ``'populate'``."
+        if self.hint is None:
+            return
         for store, rows in self.targets:
             store.advise(self.hint, rows[positions], **self._kw(store))
+
+    def start(self, positions: np.ndarray) -> None:
+        "Apply the `early` hint (if any) to the rows of `positions`; returns at once (asynchronous hints)."
+        if self.early is not None:
+            for store, rows in self.targets:
+                store.advise(self.early, rows[positions], **self._kw(store))
 
     def drop(self, positions: np.ndarray) -> None:
         "Unmap the rows of consumed `positions` (``'dontneed'``) and, with `evict`, drop them from the page cache."

@@ -35,7 +35,7 @@ from .arguments import SEED_LIMIT, check_int as _int, check_positive as _positiv
     check_seed as _check_seed
 from .errors import ArgumentError, ArgumentTypeError
 from .memory import memory_budget
-from .random_order import RandomShuffle, ReadStrategyWarning, store_bytes
+from .random_order import RandomShuffle, ReadStrategyWarning, store_bytes, use_pread
 from .readahead import (READAHEAD_WINDOWS, WINDOW_TIMEOUT, Readahead, StoreReadahead, iter_windows, store_rows,
                         store_targets)
 
@@ -45,7 +45,8 @@ __all__ = ["BlockShuffleSampler", "BlockShuffle", "StoreReadahead", "block_shuff
 
 DEFAULT_BLOCK_BYTES = 16 << 20  # bytes of contiguous rows per block: sequential reads at disk speed (4 MiB: ~20% slower)
 DEFAULT_WINDOW_BLOCKS = 8       # blocks whose rows are mixed together; 8 x 16 MiB stays small next to RAM
-MIN_BLOCK_BYTES = 1 << 20       # smallest block under memory pressure: still one large sequential request
+MIN_BLOCK_BYTES = 4 << 20       # blocks under memory pressure: mid-sized requests, many in flight
+QUEUED_BLOCKS = 8               # blocks read ahead under memory pressure (cgroup runs: 4 MiB x 8 beat 8 MiB x 2)
 MAX_WINDOW_LOOP = 4096          # up to this many windows, each is permuted on its own (faster than one argsort)
 
 
@@ -265,11 +266,14 @@ class BlockShuffle:
         if not isinstance(self.readahead, (bool, np.bool_)):
             raise ArgumentTypeError(f"expected readahead to be a bool, found {self.readahead!r:.100}")
 
-    def sampler(self, dataset: Any, who: str = "databunch") -> BlockShuffleSampler:
+    def sampler(self, dataset: Any, who: str = "databunch", workers: Any = 0) -> BlockShuffleSampler:
         """A `BlockShuffleSampler` for `dataset` (a `LabelList` or `ItemList`).
 
         Blocks follow the store rows of ``dataset.x`` when it is a store-backed list (any object
-        with ``items`` and a ``store``); readahead covers the stores of ``x`` and ``y``.
+        with ``items`` and a ``store``); readahead covers the stores of ``x`` and ``y``. With
+        `workers` > 0 (DataLoader worker processes) over stores larger than memory, the large stores
+        read with ``pread`` (`fastai_memmap.random_order.use_pread`): pages mapped by the workers
+        could not be dropped from the page cache by this process.
         """
         x = getattr(dataset, "x", dataset)
         store, rows = getattr(x, "store", None), store_rows(x)
@@ -282,33 +286,39 @@ class BlockShuffle:
             big = size > budget
             if big:
                 ahead, window_blocks, block_rows = fit_in_flight(budget // 4, row_bytes, block_rows, window_blocks)
+                if isinstance(workers, int) and workers > 0:
+                    use_pread(targets, budget)
                 warnings.warn(f"{who}: shuffle='block' over {size / 1e9:.2f} GB of stores, more than the "
                               f"{budget / 1e9:.2f} GB of memory this process may use: windows of {window_blocks} x "
                               f"{block_rows * row_bytes / 2 ** 20:.1f} MiB, {ahead} ahead, consumed windows dropped "
                               "from the page cache", ReadStrategyWarning, stacklevel=4)
-        prefetch = StoreReadahead(targets, evict=big) if targets and self.readahead else None
+        prefetch = None
+        if targets and self.readahead:
+            prefetch = (StoreReadahead(targets, hint=None, early="willneed", evict=True) if big
+                        else StoreReadahead(targets))
         return BlockShuffleSampler(len(dataset), block_rows, window_blocks, self.seed, self.num_replicas,
                                    self.rank, keys=rows, prefetch=prefetch, readahead_windows=ahead,
                                    drop_consumed=big)
 
 
 def fit_in_flight(limit: int, row_bytes: int, block_rows: int, window_blocks: int) -> tuple:
-    """``(windows ahead, window_blocks, block_rows)`` whose bytes in flight, ``(ahead + 2)`` windows
-    (those read ahead, the current one, the one just consumed), stay under `limit` bytes: fewer
-    windows ahead first (down to 1), then fewer blocks per window (down to 1), then smaller blocks
-    (down to `MIN_BLOCK_BYTES` of rows, at least one row). Sizes in rows and bytes."""
-    ahead = READAHEAD_WINDOWS
-    floor = max(1, min(block_rows, MIN_BLOCK_BYTES // row_bytes))
-
-    def in_flight() -> int:
-        return (ahead + 2) * window_blocks * block_rows * row_bytes
-    while in_flight() > limit and ahead > 1:
+    """``(windows ahead, window_blocks, block_rows)`` for a store larger than memory, with at most
+    `limit` bytes in flight: ``(ahead + 2)`` windows (those read ahead, the current one, the one just
+    consumed). Blocks of at most `MIN_BLOCK_BYTES` (4 MiB) of rows; about `QUEUED_BLOCKS` blocks
+    queued ahead (measured under a memory cgroup: many mid-sized requests in flight keep the disk
+    busier than a few large ones); the most blocks per window (mixing) that fit, then fewer windows
+    ahead (at least one). Sizes in rows and bytes."""
+    block_rows = max(1, min(block_rows, MIN_BLOCK_BYTES // row_bytes))
+    block = block_rows * row_bytes
+    wb = window_blocks
+    while True:
+        ahead = max(1, -(-QUEUED_BLOCKS // wb))
+        if (ahead + 2) * wb * block <= limit or wb == 1:
+            break
+        wb = max(1, wb // 2)
+    while ahead > 1 and (ahead + 2) * wb * block > limit:
         ahead -= 1
-    while in_flight() > limit and window_blocks > 1:
-        window_blocks = max(1, window_blocks // 2)
-    while in_flight() > limit and block_rows > floor:
-        block_rows = max(floor, block_rows // 2)
-    return ahead, window_blocks, block_rows
+    return ahead, wb, block_rows
 
 
 def shuffle_option(shuffle: Union[bool, str, BlockShuffle, RandomShuffle]) -> Union[BlockShuffle, RandomShuffle]:
