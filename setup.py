@@ -28,7 +28,11 @@ setup(
         "pillow",
     ],
     extras_require={
-        "dev": ["pytest", "hypothesis", "nbmake", "nbformat", "ipykernel", "h5py", "scipy", "dask[array]", "distributed"],
+        # fastai.text needs spaCy; 3.8 installs with numpy<2 (fastai_memmap.compat fixes fastai's spaCy 2 calls)
+        "text": ["spacy>=3.8,<4"],
+        # nbconvert: fastai's doc() (gen_doc) needs it; the IPython 9 fix is tested with it
+        "dev": ["pytest", "hypothesis", "nbmake", "nbformat", "ipykernel", "h5py", "scipy", "dask[array]", "distributed",
+                "spacy>=3.8,<4", "nbconvert"],
     },
     entry_points={"console_scripts": ["fastai-memmap=fastai_memmap.cli:main"]},
     classifiers=["Programming Language :: Python :: 3", "Framework :: Jupyter"],

@@ -36,6 +36,26 @@ patch                   what breaks                                   where in f
 ``pkg_resources_warn``  ``import fastai`` emits setuptools'           ``imports/core.py``:                         :func:`apply` imports fastai with just that
                         "pkg_resources is deprecated" warning         ``import pkg_resources``                     ``UserWarning`` ignored (if fastai was not
                                                                                                                    imported before).
+``spacy3_tokenizer``    spaCy 3 removed ``disable=`` from             ``text/transform.py``:                       ``SpacyTokenizer.__init__`` calls
+                        ``spacy.blank``: ``TypeError`` in every       ``SpacyTokenizer.__init__``:                 ``spacy.blank(lang)`` (a blank pipeline has no
+                        tokenisation (``Tokenizer``,                  ``spacy.blank(lang, disable=[...])``         parser, tagger or ner to disable). Only with
+                        ``TextList.from_*``, ``TextLMDataBunch``,                                                  spaCy >= 3; applied when ``fastai.text`` loads.
+                        ``learn.predict(text)``)
+``qrnn_inplace``        ``z_gate.tanh_()`` / ``f_gate.sigmoid_()``    ``text/models/qrnn.py``:                     ``QRNNLayer.forward`` is the same computation
+                        on the views ``chunk`` returns: autograd      ``QRNNLayer.forward``                        with out-of-place ``tanh`` / ``sigmoid``;
+                        raises "Output 0 of SplitBackward0 is a                                                    applied when ``fastai.text.models.qrnn`` loads.
+                        view and is being modified inplace" on
+                        every forward with gradients
+``ipython_display``     IPython >= 9 removed                          ``gen_doc/nbdoc.py``, ``gen_notebooks.py``,  :func:`apply` imports ``fastai.gen_doc`` with a
+                        ``IPython.core.display.display``:             ``nbtest.py``: ``from IPython.core.display   proxy of ``IPython.core.display`` (adding
+                        ``fastai.basics`` swallows the                import display``; ``basics.py``: ``try:      ``display`` from ``IPython.display``) in
+                        ``ImportError``, ``doc()`` disappears         from .gen_doc.nbdoc import doc``             ``sys.modules`` for that import only; IPython
+                                                                                                                   itself is untouched. Needs nbconvert (fastai's
+                                                                                                                   own requirement for ``doc``).
+``text_import_hook``    without spaCy, ``import fastai.text`` fails   ``text/transform.py``: ``import spacy``      A ``sys.meta_path`` finder: loading
+                        with ``No module named 'spacy'``; after                                                    ``fastai.text.transform`` without spaCy raises
+                        :func:`apply`, a ``fastai.text`` imported                                                  :class:`FastaiCompatError` naming the ``text``
+                        later would stay unpatched                                                                 extra; the text modules are patched as they load.
 (not patched)           pandas >= 2: ``Categorify`` fails ("Can       ``tabular/transform.py``                     ``pandas<2`` is pinned; pandas 1.5 works.
                         only use .cat accessor")
 (not patched)           setuptools >= 81 has no ``pkg_resources``:    ``imports/core.py``                          ``setuptools<81`` is pinned; :func:`apply`
@@ -44,8 +64,14 @@ patch                   what breaks                                   where in f
 
 Limits
 ------
-- ``fastai.text.data`` and ``fastai.callbacks.mlflow`` are patched only if they are imported before
-  :func:`apply` (they need spacy and mlflow); call :func:`apply` again after importing them.
+- ``fastai.text`` modules are patched when they load (the import hook) or by :func:`apply` if loaded
+  before it. ``fastai.callbacks.mlflow`` is patched only if imported before :func:`apply` (it needs
+  mlflow); call :func:`apply` again after importing it.
+- ``doc`` reaches ``fastai.basics`` (and its ``__all__``) whenever nbconvert is installed; a
+  ``fastai.vision`` or ``fastai.text`` star-imported *before* :func:`apply` keeps the ``basics``
+  namespace it had, without ``doc``.
+- ``text/models/qrnn.py`` compiles its CUDA kernels with ``torch.utils.cpp_extension.load`` at import
+  when CUDA is available (it needs nvcc and a compiler there); that is left as is.
   ``fastai.text.learner`` calls ``torch.load`` on plain state dicts, which ``weights_only=True`` loads:
   it is left alone.
 - A DataLoader worker started with ``'spawn'`` or ``'forkserver'`` is a fresh interpreter: fastai code
@@ -55,6 +81,9 @@ Limits
 """
 import functools
 import importlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
 import inspect
 import sys
 import threading
@@ -63,7 +92,7 @@ import warnings
 from collections import namedtuple
 from collections.abc import Sized
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -335,6 +364,183 @@ def _patch_numpy_aliases() -> Patch:
                  tuple(f"{name}.np" for name in names) if missing else ())
 
 
+# ---------------------------------------------------------------------------------------- fastai.text
+TEXT_EXTRA_HINT = "pip install 'fastai_memmap[text]'"   # the extra that installs a spaCy fastai.text works with
+
+
+def spacy_available() -> bool:
+    "Whether ``import spacy`` can succeed (a module already in ``sys.modules`` counts, ``None`` there does not)."
+    if "spacy" in sys.modules:
+        return sys.modules["spacy"] is not None
+    try:
+        return importlib.util.find_spec("spacy") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _spacy_major() -> int:
+    "Major version of the loaded spaCy; 0 for none or a placeholder (read from the module dict: no __getattr__)."
+    spacy = sys.modules.get("spacy")
+    version = vars(spacy).get("__version__", "0") if isinstance(spacy, types.ModuleType) else "0"
+    try:
+        return int(str(version).split(".")[0])
+    except ValueError:
+        return 0
+
+
+def _make_spacy_init(fastai_init: Callable) -> Callable:
+    @functools.wraps(fastai_init)
+    def __init__(self, lang: str):
+        "Wrapper around a spacy tokenizer to make it a `BaseTokenizer` (spaCy 3: `spacy.blank(lang)`)."
+        self.lang = lang
+        self.tok = sys.modules["fastai.text.transform"].spacy.blank(lang)   # fastai's global: a placeholder raises
+
+    return _mark(__init__)
+
+
+def _patch_spacy_tokenizer() -> Optional[Patch]:
+    transform = sys.modules.get("fastai.text.transform")
+    if transform is None:
+        return None
+    cls = transform.SpacyTokenizer
+    if not _is_ours(cls.__init__) and _spacy_major() >= 3:
+        cls.__init__ = _make_spacy_init(cls.__init__)
+    return Patch("spacy3_tokenizer", "text/transform.py: SpacyTokenizer.__init__: spacy.blank(lang, disable=[...])",
+                 "spaCy 3 removed spacy.blank's disable= (TypeError in every tokenisation)",
+                 ("fastai.text.transform.SpacyTokenizer.__init__",) if _is_ours(cls.__init__) else ())
+
+
+def _make_qrnn_forward(fastai_forward: Callable) -> Callable:
+    qrnn = sys.modules["fastai.text.models.qrnn"]
+
+    @functools.wraps(fastai_forward)
+    def forward(self, inp, hid=None):
+        "fastai's `QRNNLayer.forward` with out-of-place activations on the gates (views of one `chunk`)."
+        y = self.linear(self._get_source(inp))
+        gates = y.chunk(3 if self.output_gate else 2, dim=2)
+        z_gate, f_gate = torch.tanh(gates[0]), torch.sigmoid(gates[1])
+        if self.zoneout and self.training:
+            mask = qrnn.dropout_mask(f_gate, f_gate.size(), self.zoneout).requires_grad_(False)
+            f_gate = f_gate * mask
+        z_gate, f_gate = z_gate.contiguous(), f_gate.contiguous()
+        if self.backward:
+            forget_mult = qrnn.dispatch_cuda(qrnn.BwdForgetMultGPU, functools.partial(qrnn.forget_mult_CPU, backward=True), inp)
+        else:
+            forget_mult = qrnn.dispatch_cuda(qrnn.ForgetMultGPU, qrnn.forget_mult_CPU, inp)
+        c_gate = forget_mult(z_gate, f_gate, hid, self.batch_first)
+        output = torch.sigmoid(gates[2]) * c_gate if self.output_gate else c_gate
+        if self.window > 1 and self.save_prev_x:
+            if self.backward:
+                self.prevX = (inp[:, :1] if self.batch_first else inp[:1]).detach()
+            else:
+                self.prevX = (inp[:, -1:] if self.batch_first else inp[-1:]).detach()
+        idx = 0 if self.backward else -1
+        return output, (c_gate[:, idx] if self.batch_first else c_gate[idx])
+
+    return _mark(forward)
+
+
+def _patch_qrnn() -> Optional[Patch]:
+    qrnn = sys.modules.get("fastai.text.models.qrnn")
+    if qrnn is None:
+        return None
+    if not _is_ours(qrnn.QRNNLayer.forward):
+        qrnn.QRNNLayer.forward = _make_qrnn_forward(qrnn.QRNNLayer.forward)
+    return Patch("qrnn_inplace", "text/models/qrnn.py: QRNNLayer.forward: z_gate.tanh_(), f_gate.sigmoid_()",
+                 "in-place activations on the views of y.chunk(): autograd raises on every forward with gradients",
+                 ("fastai.text.models.qrnn.QRNNLayer.forward",))
+
+
+# what to patch as each fastai.text module finishes loading (the import hook) or in apply() if already loaded
+_TEXT_PATCHERS = {"fastai.text.transform": _patch_spacy_tokenizer, "fastai.text.models.qrnn": _patch_qrnn}
+
+
+class _PatchingLoader(importlib.abc.Loader):
+    "Runs fastai's loader, then the patches of the module it loaded (every other attribute is the real loader's)."
+
+    def __init__(self, loader: Any, name: str):
+        self._loader, self._name = loader, name
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        self._loader.exec_module(module)
+        with _LOCK:
+            if self._name == "fastai.text.data":
+                _record(_patch_numpy_aliases())
+            else:
+                _record(_TEXT_PATCHERS[self._name]())
+
+    def __getattr__(self, name: str) -> Any:   # get_source, get_code...: tracebacks and inspect keep working
+        return getattr(self._loader, name)
+
+
+class _TextImportHook(importlib.abc.MetaPathFinder):
+    """``sys.meta_path`` finder for fastai's text modules: refuses ``fastai.text.transform`` without spaCy
+    (:class:`FastaiCompatError` naming the extra) and patches the modules of `_TEXT_PATCHERS` as they load."""
+    names = frozenset(_TEXT_PATCHERS) | {"fastai.text.data"}
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None):
+        if name not in self.names:
+            return None
+        if name == "fastai.text.transform" and not spacy_available():
+            raise FastaiCompatError(f"fastai.text: expected spaCy (fastai/text/transform.py imports it), found none "
+                                    f"installed; install the text extra: {TEXT_EXTRA_HINT} (without spaCy, "
+                                    "fastai_memmap.text.import_fastai_text() imports fastai.text for pre-tokenised "
+                                    "token ids)")
+        spec = importlib.machinery.PathFinder.find_spec(name, path, target)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _PatchingLoader(spec.loader, name)
+        return spec
+
+
+def _install_text_hook() -> Patch:
+    if not any(isinstance(finder, _TextImportHook) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _TextImportHook())
+    return Patch("text_import_hook", "text/transform.py: import spacy; text/models/qrnn.py, text/data.py",
+                 "without spaCy `import fastai.text` fails with a bare ModuleNotFoundError; text modules imported "
+                 "after apply() would stay unpatched", ("sys.meta_path",))
+
+
+# ---------------------------------------------------------------------------------------- IPython 9
+class _IPythonDisplayProxy(_ModuleProxy):
+    "``IPython.core.display`` as fastai's ``gen_doc`` expects it: ``display`` is ``IPython.display.display``."
+
+
+def _import_gen_doc() -> Optional[Patch]:
+    """Import ``fastai.gen_doc`` (hence ``doc``) with ``display`` back in ``IPython.core.display`` for that import.
+
+    Returns None when IPython is not installed or still has ``display`` there; fastai's own ``ImportError``
+    (nbconvert missing) is swallowed, as ``fastai.basics`` does."""
+    try:
+        core_display = importlib.import_module("IPython.core.display")
+    except ImportError:
+        return None
+    if hasattr(core_display, "display"):
+        return None
+    loaded = "fastai.gen_doc.nbdoc" in sys.modules
+    if not loaded:
+        display = importlib.import_module("IPython.display").display
+        sys.modules["IPython.core.display"] = _IPythonDisplayProxy(core_display, display=display)
+        try:
+            importlib.import_module("fastai.gen_doc.nbdoc")
+            loaded = True
+        except ImportError:   # nbconvert missing: no doc(), as in fastai
+            pass
+        finally:
+            if isinstance(sys.modules.get("IPython.core.display"), _IPythonDisplayProxy):
+                sys.modules["IPython.core.display"] = core_display
+    basics = sys.modules.get("fastai.basics")
+    if loaded and basics is not None and "doc" not in vars(basics):   # basics imported (and failed) before apply()
+        basics.doc = sys.modules["fastai.gen_doc.nbdoc"].doc
+        if "doc" not in basics.__all__:
+            basics.__all__.append("doc")
+    return Patch("ipython_display", "gen_doc/nbdoc.py, gen_notebooks.py, nbtest.py: from IPython.core.display "
+                 "import display", "IPython>=9 removed IPython.core.display.display: fastai.basics silently drops doc()",
+                 ("sys.modules['IPython.core.display'] during the import of fastai.gen_doc",) if loaded else ())
+
+
 # ---------------------------------------------------------------------------------------- import fastai
 _FASTAI_MODULES = ("fastai.basic_train", "fastai.basic_data", "fastai.data_block", "fastai.core",
                    "fastai.vision.transform", "fastai.vision.image", "fastai.vision.interpret")
@@ -349,6 +555,9 @@ def _import_fastai() -> Patch:
             if fastai.__version__ != FASTAI_VERSION:
                 raise FastaiCompatError(f"fastai_memmap.compat: expected fastai {FASTAI_VERSION}, found "
                                         f"{fastai.__version__}; install fastai=={FASTAI_VERSION}")
+            gen_doc = _import_gen_doc()   # before fastai.basics, which imports it (and swallows its error)
+            if gen_doc is not None:
+                _record(gen_doc)
             for name in _FASTAI_MODULES:
                 importlib.import_module(name)
     except ModuleNotFoundError as e:
@@ -362,13 +571,22 @@ def _import_fastai() -> Patch:
 
 
 # ---------------------------------------------------------------------------------------- public API
-_PATCHERS = (_patch_torch_load, _patch_solve, _patch_dataloader, _patch_array, _patch_numpy_aliases)
+_PATCHERS = (_patch_torch_load, _patch_solve, _patch_dataloader, _patch_array, _patch_numpy_aliases,
+             _install_text_hook, *_TEXT_PATCHERS.values())
+
+
+def _record(patch: Optional[Patch]) -> None:
+    "Enter `patch` in `PATCHES` (replacing an entry only when it changed); None: nothing was loaded to patch."
+    if patch is not None and PATCHES.get(patch.name) != patch:
+        PATCHES[patch.name] = patch
 
 
 def apply() -> None:
     """Apply every fix of the module docstring's table to fastai 1.0.61; idempotent and thread-safe.
 
-    Imports fastai (``basic_train``, ``basic_data``, ``data_block``, ``vision``) if needed. A second call
+    Imports fastai (``basic_train``, ``basic_data``, ``data_block``, ``vision``, and ``gen_doc`` when
+    IPython >= 9 and nbconvert are installed) if needed, and installs the import hook that patches
+    ``fastai.text`` as it loads (never importing it, nor spaCy, itself). A second call
     changes nothing, except that it also patches fastai modules imported since the first call.
     :data:`PATCHES` is filled with one :class:`Patch` per fix; an entry is replaced only when its
     targets changed.
@@ -380,8 +598,7 @@ def apply() -> None:
     """
     with _LOCK:
         for patch in (_import_fastai(), *(patcher() for patcher in _PATCHERS)):
-            if PATCHES.get(patch.name) != patch:
-                PATCHES[patch.name] = patch
+            _record(patch)
 
 
 def applied() -> bool:
@@ -402,4 +619,9 @@ def applied() -> bool:
                _is_ours(modules["fastai.core"].array)]
     if _missing_numpy_aliases():
         checks += [isinstance(vars(modules[name])["np"], _ModuleProxy) for name in _NUMPY_ALIAS_MODULES]
+    checks.append(any(isinstance(finder, _TextImportHook) for finder in sys.meta_path))
+    if "fastai.text.transform" in modules and _spacy_major() >= 3:
+        checks.append(_is_ours(modules["fastai.text.transform"].SpacyTokenizer.__init__))
+    if "fastai.text.models.qrnn" in modules:
+        checks.append(_is_ours(modules["fastai.text.models.qrnn"].QRNNLayer.forward))
     return all(checks)

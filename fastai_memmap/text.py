@@ -71,21 +71,33 @@ def _spacy_placeholder() -> types.ModuleType:
 
 
 def import_fastai_text() -> types.ModuleType:
-    """Import and return ``fastai.text``, even when spacy is not installed (see the module docstring).
+    """Import and return ``fastai.text``, also when spaCy is not installed.
 
-    With spacy installed this is ``import fastai.text``. Without it a placeholder ``spacy`` module is
-    present only during the import; ``SpacyTokenizer`` then raises ``FastaiCompatError``. Applies
-    `fastai_memmap.compat` to the newly imported modules. Raises ``FastaiCompatError`` if
-    ``fastai.text`` still cannot be imported.
+    The case this still serves: training a language model from *pre-tokenised* token ids (produced by
+    any tokenizer) on a machine without the ``text`` extra. With spaCy installed it is plain
+    ``import fastai.text`` (patched by `fastai_memmap.compat` as it loads), and
+    `fastai_memmap.text_tokenize` is the way from raw text. Without spaCy, ``import fastai.text``
+    raises ``FastaiCompatError`` naming the extra; this function instead puts a placeholder ``spacy``
+    module in ``sys.modules`` for the duration of the import only (what was there before, even
+    ``None``, is restored), so models, learners and ``Vocab`` work and ``SpacyTokenizer`` raises
+    ``FastaiCompatError``.
+
+    Returns
+    -------
+    module
+        ``fastai.text`` (``sys.modules["fastai.text"]``).
+
+    Raises
+    ------
+    FastaiCompatError
+        (an ``ImportError``) if ``fastai.text`` still cannot be imported.
     """
     if "fastai.text" in sys.modules:
         return sys.modules["fastai.text"]
     from . import compat
-    try:
-        import spacy  # noqa: F401
-        placeholder = None
-    except ImportError:
-        placeholder = _spacy_placeholder()
+    placeholder = None if compat.spacy_available() else _spacy_placeholder()
+    saved = {name: sys.modules.get(name, _ABSENT) for name in ("spacy", "spacy.symbols")}
+    if placeholder is not None:
         sys.modules["spacy"], sys.modules["spacy.symbols"] = placeholder, placeholder.symbols
     try:
         import fastai.text
@@ -93,11 +105,16 @@ def import_fastai_text() -> types.ModuleType:
         raise FastaiCompatError(f"fastai.text: expected it to import, found {type(e).__name__}: {e}") from e
     finally:
         if placeholder is not None:   # `import spacy` fails again after the import, as before it
-            for name, module in (("spacy", placeholder), ("spacy.symbols", placeholder.symbols)):
-                if sys.modules.get(name) is module:
-                    del sys.modules[name]
+            for name, module in saved.items():
+                if module is _ABSENT:
+                    sys.modules.pop(name, None)
+                else:
+                    sys.modules[name] = module
     compat.apply()
     return fastai.text
+
+
+_ABSENT = object()   # marks a sys.modules entry that did not exist
 
 
 def lm_vocab(vocab: Any, store: Any) -> Any:
