@@ -6,9 +6,11 @@ disk and the read strategy matters (see `fastai_memmap.sampling`). The budget is
 
 - ``MemAvailable`` of the machine (psutil's ``virtual_memory().available``: free memory plus the
   page cache the kernel can reclaim), and
-- the memory cgroup limit of this process minus its anonymous memory (``rss`` in cgroup v1's
-  ``memory.stat``, ``anon`` in cgroup v2's): page cache counts against the limit, so a container of
-  2 GB on a 256 GB machine holds at most ~2 GB of a store, whatever ``MemAvailable`` says.
+- the memory cgroup limit of this process minus the memory its processes hold for themselves:
+  anonymous memory and mapped files, their own code (``total_rss`` + ``total_mapped_file`` in cgroup
+  v1's ``memory.stat``, ``anon`` + ``file_mapped`` in v2's; torch's libraries alone map hundreds of
+  MB). Page cache counts against the limit, so a container of 2 GB on a 256 GB machine holds at most
+  ~2 GB of a store, whatever ``MemAvailable`` says.
 """
 import os
 from pathlib import Path
@@ -36,6 +38,11 @@ def _stat(text: Optional[str]) -> Dict[str, int]:
     return out
 
 
+def _sum(*parts: Optional[int]) -> Optional[int]:
+    found = [p for p in parts if p is not None]
+    return sum(found) if found else None
+
+
 def _cgroup_dirs(root: Path, proc_cgroup: str):
     "``(version, directory)`` of this process's memory cgroup, from ``/proc/self/cgroup`` text."
     for line in proc_cgroup.splitlines():
@@ -51,7 +58,8 @@ def _cgroup_dirs(root: Path, proc_cgroup: str):
 
 
 def cgroup_room(root: Path = CGROUP_ROOT, proc_cgroup: Optional[str] = None) -> Optional[int]:
-    """Bytes of page cache this process's memory cgroup can hold: its limit minus its anonymous memory.
+    """Bytes of page cache this process's memory cgroup can hold: its limit minus its anonymous memory
+    and mapped files (see the module).
 
     Looks at the process's own cgroup and every parent up to the root (the tightest limit wins).
     Returns None where there is no cgroup limit or it cannot be read (not Linux, no permission).
@@ -68,11 +76,12 @@ def cgroup_room(root: Path = CGROUP_ROOT, proc_cgroup: Optional[str] = None) -> 
                 raw = _read(d / "memory.limit_in_bytes")
                 limit = int(raw) if raw and raw.strip().isdigit() else None
                 st = _stat(_read(d / "memory.stat"))
-                used = st.get("total_rss", st.get("rss"))
+                used = _sum(st.get("total_rss", st.get("rss")), st.get("total_mapped_file", st.get("mapped_file")))
             else:
                 raw = _read(d / "memory.max")
                 limit = int(raw) if raw and raw.strip().isdigit() else None
-                used = _stat(_read(d / "memory.stat")).get("anon")
+                st = _stat(_read(d / "memory.stat"))
+                used = _sum(st.get("anon"), st.get("file_mapped"))
             anon = used if anon is None else anon
             if limit is not None and limit < UNLIMITED:
                 room = max(0, limit - (anon or 0))

@@ -33,7 +33,7 @@ from .memory import memory_budget
 from .readahead import Readahead, StoreReadahead, iter_windows, store_targets
 
 __all__ = ["RandomOrderSampler", "RandomShuffle", "ReadStrategyWarning", "RANDOM_BATCHES_AHEAD", "store_bytes",
-           "use_pread"]
+           "use_pread", "large_stores"]
 
 RANDOM_BATCHES_AHEAD = 4   # batches hinted ahead: 4 x 256 rows in flight keep a disk's queue (QD 32-64) full
 
@@ -152,15 +152,22 @@ class RandomShuffle:
         return RandomOrderSampler(len(dataset), batch_size, self.seed, prefetch, self.batches_ahead)
 
 
-def use_pread(targets: List[tuple], budget: int) -> List[Any]:
-    """Switch the dense stores of `targets` that matter for memory (more than a quarter of `budget`
-    bytes) to ``pread`` reads (`MemmapArray.set_read_mode`); small ones (labels) keep their maps,
-    which stay hot. Returns the stores switched."""
-    switched: List[Any] = []
+def large_stores(targets: List[tuple], budget: int) -> List[Any]:
+    """The distinct stores of `targets` that matter for memory: more than a quarter of `budget` bytes.
+    The others (labels) stay hot in the page cache whatever the order."""
+    found: List[Any] = []
     for store, _ in targets:
-        if hasattr(store, "set_read_mode") and store.nbytes * 4 > budget and all(store is not s for s in switched):
-            store.set_read_mode("pread")
-            switched.append(store)
+        if store.nbytes * 4 > budget and all(store is not s for s in found):
+            found.append(store)
+    return found
+
+
+def use_pread(targets: List[tuple], budget: int) -> List[Any]:
+    """Switch the dense `large_stores` of `targets` to ``pread`` reads (`MemmapArray.set_read_mode`);
+    small ones (labels) keep their maps. Returns the stores switched."""
+    switched = [s for s in large_stores(targets, budget) if hasattr(s, "set_read_mode")]
+    for store in switched:
+        store.set_read_mode("pread")
     return switched
 
 

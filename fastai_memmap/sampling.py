@@ -35,7 +35,7 @@ from .arguments import SEED_LIMIT, check_int as _int, check_positive as _positiv
     check_seed as _check_seed
 from .errors import ArgumentError, ArgumentTypeError
 from .memory import memory_budget
-from .random_order import RandomShuffle, ReadStrategyWarning, store_bytes, use_pread
+from .random_order import RandomShuffle, ReadStrategyWarning, large_stores, store_bytes, use_pread
 from .readahead import (READAHEAD_WINDOWS, WINDOW_TIMEOUT, Readahead, StoreReadahead, iter_windows, store_rows,
                         store_targets)
 
@@ -46,6 +46,8 @@ __all__ = ["BlockShuffleSampler", "BlockShuffle", "StoreReadahead", "block_shuff
 DEFAULT_BLOCK_BYTES = 16 << 20  # bytes of contiguous rows per block: sequential reads at disk speed (4 MiB: ~20% slower)
 DEFAULT_WINDOW_BLOCKS = 8       # blocks whose rows are mixed together; 8 x 16 MiB stays small next to RAM
 MIN_BLOCK_BYTES = 4 << 20       # blocks under memory pressure: mid-sized requests, many in flight
+IN_FLIGHT_SHARE = 8             # bytes in flight <= budget / 8: the process's own code pages and heap grow into the
+                                # budget while it runs, and read-ahead pages are the first the kernel reclaims
 QUEUED_BLOCKS = 8               # blocks read ahead under memory pressure (cgroup runs: 4 MiB x 8 beat 8 MiB x 2)
 MAX_WINDOW_LOOP = 4096          # up to this many windows, each is permuted on its own (faster than one argsort)
 
@@ -247,7 +249,7 @@ class BlockShuffle:
 
     When the stores (x and y) are larger than the memory this process may use
     (`fastai_memmap.memory.memory_budget`), the sampler keeps the bytes in flight (windows read
-    ahead, the current one, the one just consumed) under a quarter of it: fewer windows ahead
+    ahead, the current one, the one just consumed) under an eighth of it (`IN_FLIGHT_SHARE`): fewer windows ahead
     first, then fewer blocks per window, then smaller blocks (down to 1 MiB), and it drops
     consumed windows from the page cache; said once in a `ReadStrategyWarning`.
     """
@@ -285,7 +287,7 @@ class BlockShuffle:
             size, budget = store_bytes(targets), memory_budget()
             big = size > budget
             if big:
-                ahead, window_blocks, block_rows = fit_in_flight(budget // 4, row_bytes, block_rows, window_blocks)
+                ahead, window_blocks, block_rows = fit_in_flight(budget // IN_FLIGHT_SHARE, row_bytes, block_rows, window_blocks)
                 if isinstance(workers, int) and workers > 0:
                     use_pread(targets, budget)
                 warnings.warn(f"{who}: shuffle='block' over {size / 1e9:.2f} GB of stores, more than the "
@@ -294,7 +296,8 @@ class BlockShuffle:
                               "from the page cache", ReadStrategyWarning, stacklevel=4)
         prefetch = None
         if targets and self.readahead:
-            prefetch = (StoreReadahead(targets, hint=None, early="willneed", evict=True) if big
+            prefetch = (StoreReadahead(targets, hint=None, early="willneed", evict=True,
+                                       drop_only=large_stores(targets, budget)) if big
                         else StoreReadahead(targets))
         return BlockShuffleSampler(len(dataset), block_rows, window_blocks, self.seed, self.num_replicas,
                                    self.rank, keys=rows, prefetch=prefetch, readahead_windows=ahead,
