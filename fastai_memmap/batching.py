@@ -7,8 +7,12 @@ per-item work (no tfms, no inference item), and `memmap_collate` passes it throu
 fall back to fastai's per-item path (``LabelList.__getitem__`` + ``data_collate``) with identical
 results. `MemmapDataBunch` / `MemmapImageDataBunch` install `memmap_collate` by default, and add:
 
+- ``shuffle=True`` (the default, or a `fastai_memmap.random_order.RandomShuffle`): uniform random
+  order; fastai's sampler while the stores fit in memory, `RandomOrderSampler` (``pread`` reads,
+  the next batches' rows queued ahead) once they are larger than the memory budget, said once in a
+  `ReadStrategyWarning`;
 - ``shuffle='block'`` (or a `fastai_memmap.sampling.BlockShuffle`): locality-aware shuffling of
-  the training loader, for cold or larger-than-RAM stores;
+  the training loader, for cold or larger-than-RAM stores, at the disk's bandwidth;
 - ``num_workers='auto'``: on the fast path no worker processes (they would copy every batch
   through shared memory, which costs more than reading it) but a background prefetch thread;
   fastai's ``defaults.cpus`` workers when items need per-item work (``tfms``). An explicit
@@ -154,6 +158,7 @@ def _create(cls, base, train_ds, *args, collate_fn=data_collate, shuffle=True, n
             dl_tfms=None, no_check=False, **kwargs):
     args, kwargs, num_workers = _check_create_args(args, kwargs, num_workers)
     from .device import use_prefetch_thread, with_to_float
+    from .random_order import eval_sampler
     from .sampling import BlockShuffle, shuffle_option, use_sampler
     option, fast = shuffle_option(shuffle), takes_fast_path(train_ds)
     if collate_fn is data_collate:
@@ -173,6 +178,11 @@ def _create(cls, base, train_ds, *args, collate_fn=data_collate, shuffle=True, n
                else option.sampler(data.train_ds, data.train_dl.batch_size, who=cls.__name__))
     if sampler is not None:
         use_sampler(data.train_dl, sampler)
+    if option.readahead is not False:   # validation/test rows of a store larger than memory: read ahead too
+        for dl in (data.valid_dl, data.test_dl):
+            ahead = None if dl is None else eval_sampler(dl.dataset, dl.batch_size)
+            if ahead is not None:
+                use_sampler(dl, ahead)
     if not no_check:
         data.sanity_check()
         if sampler is not None:

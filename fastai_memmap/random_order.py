@@ -32,7 +32,7 @@ from .errors import ArgumentTypeError
 from .memory import memory_budget
 from .readahead import Readahead, StoreReadahead, iter_windows, store_targets
 
-__all__ = ["RandomOrderSampler", "RandomShuffle", "ReadStrategyWarning", "RANDOM_BATCHES_AHEAD", "store_bytes",
+__all__ = ["RandomOrderSampler", "InOrderSampler", "eval_sampler", "RandomShuffle", "ReadStrategyWarning", "RANDOM_BATCHES_AHEAD", "store_bytes",
            "use_pread", "large_stores"]
 
 RANDOM_BATCHES_AHEAD = 4   # batches hinted ahead: 4 x 256 rows in flight keep a disk's queue (QD 32-64) full
@@ -102,6 +102,33 @@ class RandomOrderSampler(Sampler):
         window = np.arange(self.n, dtype=np.int64) // self.batch_size
         ahead = Readahead(self.prefetch, None, who="RandomOrderSampler")
         return iter_windows(order, window, ahead, self.batches_ahead, lag=self.n + 1)
+
+
+class InOrderSampler(RandomOrderSampler):
+    """Positions ``0 .. n-1`` in order, with the rows of the next `batches_ahead` batches read ahead:
+    the validation and test loaders over stores larger than memory, whose rows (a random split)
+    are as scattered as a random order's. Same parameters as `RandomOrderSampler` (no seed needed)."""
+
+    def __init__(self, n: int, batch_size: int, prefetch: Any = None, batches_ahead: int = RANDOM_BATCHES_AHEAD):
+        super().__init__(n, batch_size, seed=0, prefetch=prefetch, batches_ahead=batches_ahead)
+
+    def order(self, epoch: Optional[int] = None) -> np.ndarray:
+        "``0 .. n-1`` (int64, a new array), whatever the epoch."
+        return np.arange(self.n, dtype=np.int64)
+
+
+def eval_sampler(dataset: Any, batch_size: int, batches_ahead: int = RANDOM_BATCHES_AHEAD) -> Optional[InOrderSampler]:
+    """An `InOrderSampler` for a validation or test `dataset` whose stores are larger than the memory
+    budget (their large stores then read with ``pread``), or None where they fit or are not stores."""
+    targets = store_targets([getattr(dataset, "x", dataset), getattr(dataset, "y", None)])
+    if not targets:
+        return None
+    size, budget = store_bytes(targets), memory_budget()
+    if size <= budget:
+        return None
+    use_pread(targets, budget)
+    return InOrderSampler(len(dataset), batch_size, StoreReadahead(targets, hint="willneed", merge_bytes=0),
+                          batches_ahead)
 
 
 @dataclass(frozen=True)

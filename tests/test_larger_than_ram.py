@@ -21,7 +21,7 @@ from fastai_memmap.bench import evict, resident_fraction
 from fastai_memmap.errors import ArgumentError, ArgumentTypeError, StoreChangedError
 from fastai_memmap.format import DATA_ALIGN, MANIFEST_NAME, read_npy_header
 from fastai_memmap.memory import cgroup_room, memory_budget
-from fastai_memmap.random_order import RandomOrderSampler, RandomShuffle, ReadStrategyWarning
+from fastai_memmap.random_order import InOrderSampler, RandomOrderSampler, RandomShuffle, ReadStrategyWarning
 from fastai_memmap.readahead import StoreReadahead
 from fastai_memmap.sampling import BlockShuffle, BlockShuffleSampler, fit_in_flight
 
@@ -237,6 +237,24 @@ def test_shuffle_true_over_stores_larger_than_memory_reads_ahead_with_pread(stor
     assert sorted(x.tolist()) == list(range(2800)) and (y == x % 7).all()       # every row once, x and y aligned
     x2, _ = _epoch(data)
     assert x2.tolist() != x.tolist()
+
+
+@pytest.mark.parametrize("shuffle", [True, "block"])
+def test_validation_over_stores_larger_than_memory_reads_ahead_in_order(stores, monkeypatch, shuffle):
+    "A random split scatters the validation rows as much as a random order: the same cliff, the same fix."
+    for module in (random_order, sampling):
+        monkeypatch.setattr(module, "memory_budget", lambda: 4_000_000)
+    rows = np.random.default_rng(0).permutation(N)
+    il = MemmapItemList.from_memmap(stores[0]).split_by_idx(rows[:300].tolist()).label_from_memmap(stores[1])
+    with pytest.warns(ReadStrategyWarning):
+        data = il.databunch(bs=64, num_workers=0, shuffle=shuffle)
+    assert isinstance(data.valid_dl.dl.sampler, InOrderSampler)
+    xs = torch.cat([xb[:, 0] for xb, _ in data.valid_dl]).long()
+    assert xs.tolist() == [int(data.valid_ds.x.items[i]) for i in range(300)]     # fastai's order, every row
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain = il.databunch(bs=64, num_workers=0, shuffle=RandomShuffle(readahead=False))
+    assert isinstance(plain.valid_dl.dl.sampler, torch.utils.data.SequentialSampler)
 
 
 @pytest.mark.parametrize("readahead, expect", [(False, torch.utils.data.RandomSampler), (True, RandomOrderSampler)])
