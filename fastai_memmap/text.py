@@ -13,27 +13,21 @@ vocabulary in its meta, then train from it; no token list is ever held in RAM::
 ``bptt`` windows (so an RNN's hidden state carries over from one batch to the next), read from the
 store per batch with one sorted gather per shard. RAM holds O(documents) integers, not O(tokens).
 
-What works on this stack (fastai 1.0.61, torch 2.x, numpy 1.26, spacy not installed), and why
------------------------------------------------------------------------------------------------
-- ``import fastai.text`` fails with ``ModuleNotFoundError: No module named 'spacy'``:
-  ``fastai/text/__init__.py`` imports ``text/transform.py``, whose first lines are ``import spacy`` and
-  ``from spacy.symbols import ORTH``; every ``fastai.text`` submodule (``models.awd_lstm``,
-  ``learner``) goes through that package ``__init__``, so none imports without spacy. spacy is
-  not installed here and cannot be installed offline.
-- `import_fastai_text` imports ``fastai.text`` anyway when spacy is missing: it puts a placeholder
-  ``spacy`` module (``spacy.symbols.ORTH``, the only name used at import time) in ``sys.modules``
-  for the duration of the import, removes it afterwards (``import spacy`` still fails elsewhere),
-  and re-applies `fastai_memmap.compat` (``np.int`` in ``text/data.py``). With it these work:
-  ``AWD_LSTM`` and ``Transformer``/``TransformerXL`` models, ``get_language_model``,
-  ``language_model_learner(data, AWD_LSTM, pretrained=False)`` on a `MemmapLMDataBunch`, training,
-  validation, ``accuracy``/``Perplexity`` metrics, ``learn.save``/``learn.load``, ``Vocab``.
-- Does not work without spacy: tokenising raw text (``SpacyTokenizer``, hence ``TokenizeProcessor``,
-  ``TextList.from_folder/from_df/from_csv``, ``TextLMDataBunch.from_*``) and ``learn.predict(text)``
-  (it tokenises its input): the placeholder raises ``FastaiCompatError`` naming spacy. Tokenise
-  elsewhere (any tokenizer) and store the ids. ``pretrained=True`` downloads WT103 weights: it
-  needs network access (not available here), not spacy.
+What works on this stack (fastai 1.0.61, torch 2.x, numpy 1.26, spaCy 3.8 from the ``text`` extra)
+------------------------------------------------------------------------------------------------
+- Raw text → store: `fastai_memmap.text_tokenize.texts_to_memmap` (ids equal ``TextList``'s); the store's
+  meta holds ``itos`` and the tokenizer description, so ``learn.predict("some text", n_words=5)`` works on a
+  ``language_model_learner`` over a `MemmapLMDataBunch` (see `MemmapLMDataBunch.one_item`).
+- Classification: `MemmapTextList` (a `RaggedItemList` padded as fastai's text classifier expects) +
+  a label store → ``text_classifier_learner(data, AWD_LSTM, pretrained=False)``; ``learn.export()`` →
+  ``load_learner`` → ``learn.predict("some text")`` (the processor keeps vocab and tokenizer rules).
+- ``import fastai.text`` needs spaCy (`fastai_memmap.compat` patches it for spaCy 3 as it loads and
+  names the ``text`` extra when spaCy is missing). Without spaCy, `import_fastai_text` still imports it
+  for pre-tokenised ids (models, learners, ``Vocab``; tokenising raises ``FastaiCompatError``).
+- ``pretrained=True`` downloads WT103 weights: it needs network access (not available here).
 - ``learn.export()``/``load_learner`` are not supported for a `MemmapLMDataBunch` (fastai's text
-  export pickles the ``LabelList`` state of a ``TextLMDataBunch``, which this bunch does not have).
+  export pickles the ``LabelList`` state of a ``TextLMDataBunch``, which this bunch does not have);
+  save the weights with ``learn.save`` / ``learn.save_encoder`` and rebuild the bunch from the store.
 """
 import sys
 import types
@@ -51,8 +45,11 @@ from .batching import Collated, memmap_collate
 from .errors import ArgumentError, ArgumentTypeError, FastaiCompatError, ItemShapeError, RowIndexError, TokenIdError
 from .items import open_store
 from .ragged import RaggedArray, norm_rows
+from .ragged_items import RaggedItemList, RaggedProcessor
+from .text_tokenize import TextTokenizer, tokenizer_from_meta
 
-__all__ = ["LMStream", "MemmapLMDataBunch", "import_fastai_text", "lm_vocab"]
+__all__ = ["LMStream", "MemmapLMDataBunch", "MemmapTextList", "TextIdProcessor", "TextEncoder", "import_fastai_text",
+           "lm_vocab", "text_to_ids"]
 
 
 # ---------------------------------------------------------------------------------------- fastai.text
@@ -246,7 +243,7 @@ class MemmapLMDataBunch(DataBunch):
                     valid_rows: Any = None, seed: Optional[int] = None, bs: int = 64, val_bs: Optional[int] = None,
                     bptt: int = 70, backwards: bool = False, num_workers: int = 0, device: Any = None,
                     item_path: Optional[Union[str, Path]] = None, dl_tfms: Any = None,
-                    **dl_kwargs: Any) -> "MemmapLMDataBunch":
+                    tokenizer: Optional[TextTokenizer] = None, **dl_kwargs: Any) -> "MemmapLMDataBunch":
         """Create a language-model `DataBunch` from the ragged store of token ids at `path`.
 
         Parameters
@@ -262,6 +259,9 @@ class MemmapLMDataBunch(DataBunch):
             As for fastai's ``DataBunch.create`` (``num_workers=0`` by default, as fastai's text bunches).
         item_path : path, optional
             fastai's ``path`` (``models/`` goes there); default: the store's parent.
+        tokenizer : TextTokenizer, optional
+            How `one_item` (``learn.predict(text)``) tokenises; default: the rules recorded in the
+            store's ``meta['tokenizer']`` by `texts_to_memmap`.
 
         Raises the errors of ``MemmapArray.open``, `LMStream` and `lm_vocab`; ``ArgumentError`` for a
         `valid_pct` outside ``[0, 1)`` or a negative `seed`, ``ArgumentTypeError`` for non-numbers.
@@ -287,7 +287,22 @@ class MemmapLMDataBunch(DataBunch):
         data = cls(*dls, path=item_path or store.path.parent, device=device, dl_tfms=dl_tfms,
                    collate_fn=memmap_collate, no_check=True)
         data.vocab, data.backwards = vocab, backwards
+        data.text_encoder = TextEncoder(vocab.itos, store.meta.get("tokenizer"), tokenizer)
         return data
+
+    def one_item(self, item: Any, detach: bool = False, denorm: bool = False, cpu: bool = False) -> Any:
+        """Get `item` (a text, or a 1-d int array of token ids) into a batch ``(x, x)``: int64 ``(1, n)`` on the device.
+
+        A text is tokenised as the corpus was (`text_to_ids`); ``learn.predict(text, n_words)`` calls this.
+        Raises ``ArgumentError`` for a text when the store records no tokenizer and none was given,
+        ``TokenIdError`` for ids outside the vocab."""
+        if isinstance(item, str):
+            ids = self.text_encoder(item)
+        else:
+            ids = _check_ids(item, len(self.vocab.itos))
+        x = torch.from_numpy(ids)[None]
+        x = x if cpu else x.to(self.device)
+        return x, x.clone()
 
     @property
     def loss_func(self) -> Any:
@@ -306,3 +321,119 @@ def _check_split(valid_pct: Any, seed: Any) -> None:
             raise ArgumentTypeError(f"seed: expected an int >= 0 or None, found {seed!r:.100}")
         if seed < 0:
             raise ArgumentError(f"seed: expected an int >= 0 or None, found {seed}")
+
+
+# ---------------------------------------------------------------------------------------- raw text
+def _check_ids(item: Any, vocab_size: int) -> np.ndarray:
+    a = np.asarray(item.cpu() if isinstance(item, torch.Tensor) else item)
+    if a.ndim != 1 or (a.size and a.dtype.kind not in "iu"):
+        raise ItemShapeError(f"expected a text or a 1-d array of integer token ids, found shape {a.shape} dtype {a.dtype}")
+    a = a.astype(np.int64)
+    if a.size and (int(a.min()) < 0 or int(a.max()) >= vocab_size):
+        raise TokenIdError(f"expected token ids in [0, {vocab_size}) (the vocab), found {int(a.min())}..{int(a.max())}")
+    return a
+
+
+class TextEncoder:
+    """Raw text → token ids with one vocabulary and one tokenizer, as `texts_to_memmap` (and fastai's
+    ``TextList``) produce them.
+
+    Parameters
+    ----------
+    itos : list of str
+        The vocabulary; a token not in it becomes id 0 (``xxunk``).
+    meta : dict, optional
+        A store's ``meta['tokenizer']`` (see `tokenizer_meta`), used when `tokenizer` is None.
+    tokenizer : TextTokenizer, optional
+
+    The tokenizer (spaCy) and the token → id table are built on the first call, once per process;
+    pickles as ``(itos, meta, tokenizer)`` without them.
+    """
+
+    def __init__(self, itos: Sequence[str], meta: Optional[dict] = None, tokenizer: Optional[TextTokenizer] = None):
+        self.itos, self.meta, self.tokenizer = list(itos), meta, tokenizer
+        self._stoi: Optional[dict] = None
+
+    def __getstate__(self) -> dict:
+        return {**vars(self), "_stoi": None}
+
+    def __call__(self, text: str) -> np.ndarray:
+        """Ids of `text`: a new int64 array of shape ``(n_tokens,)``.
+
+        Raises ``ArgumentTypeError`` if `text` is not a str, ``ArgumentError`` if there is neither a
+        tokenizer nor tokenizer meta (a store of ids tokenised elsewhere: pass ids instead)."""
+        if not isinstance(text, str):
+            raise ArgumentTypeError(f"text: expected a str, found {type(text).__name__}")
+        if self.tokenizer is None:
+            if not self.meta:
+                raise ArgumentError("text: expected a tokenizer (the store's meta['tokenizer'], written by "
+                                    "texts_to_memmap, or tokenizer=), found none; pass token ids instead of text")
+            self.tokenizer = tokenizer_from_meta(self.meta)
+        if self._stoi is None:
+            self._stoi = {v: k for k, v in enumerate(self.itos)}   # fastai's Vocab.stoi (last of a repeated token)
+        return np.array([self._stoi.get(t, 0) for t in self.tokenizer([text])[0]], dtype=np.int64)
+
+
+def text_to_ids(text: str, itos: Sequence[str], meta: Optional[dict] = None,
+                tokenizer: Optional[TextTokenizer] = None) -> np.ndarray:
+    """Token ids of one raw `text` (``TextEncoder(itos, meta, tokenizer)(text)``; build a `TextEncoder`
+    to encode many). Returns a new int64 array ``(n_tokens,)``; raises like `TextEncoder`."""
+    return TextEncoder(itos, meta, tokenizer)(text)
+
+
+# ---------------------------------------------------------------------------------------- classification
+def _meta_pad(meta: dict) -> int:
+    itos = meta.get("itos") or []
+    return itos.index("xxpad") if "xxpad" in itos else 1
+
+
+class TextIdProcessor(RaggedProcessor):
+    """`RaggedProcessor` of a token-id store that also takes raw text at predict time.
+
+    State (pickled by ``export``): the store's kind, dtype, shape and ``meta`` (``itos``, ``tokenizer``), so
+    a learner from ``load_learner`` tokenises ``learn.predict("some text")`` with the corpus' rules."""
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in vars(self).items() if k != "_encoder"}
+
+    def process_one(self, item: Any) -> Any:
+        "Tokenise and numericalise a text (a str), then turn it, or raw ids, into a `RaggedItem`."
+        if isinstance(item, str):
+            if getattr(self, "_encoder", None) is None:
+                self._encoder = TextEncoder(self.meta.get("itos") or [], self.meta.get("tokenizer"))
+            item = self._encoder(item)
+        return super().process_one(item)
+
+
+class MemmapTextList(RaggedItemList):
+    """A `RaggedItemList` over a store of token ids, batched as fastai's text classifier expects.
+
+    Create it with ``MemmapTextList.from_memmap(path)`` on a store written by `texts_to_memmap`.
+    Batches are int64 ``(bs, longest)`` tensors padded *before* the ids with ``xxpad``'s id (fastai's
+    ``pad_collate(pad_first=True)``), without lengths (``output=None``): the input of
+    ``text_classifier_learner``'s model. `vocab` (read by ``text_classifier_learner``) comes from the
+    store's ``meta['itos']`` or, after ``load_learner``, from the processor. Raises like `RaggedItemList`.
+    """
+    _processor = TextIdProcessor
+
+    def __init__(self, items: Any, store: Optional[Any] = None, pad_value: Any = None, pad_first: bool = True,
+                 output: Optional[str] = None, **kwargs):
+        if pad_value is None:
+            pad_value = _meta_pad(dict(getattr(store, "meta", None) or {}))
+        super().__init__(items, store=store, pad_value=pad_value, pad_first=pad_first, output=output, **kwargs)
+
+    def _meta(self) -> dict:
+        if self.store is not None:
+            return self.store.meta
+        procs = [p for p in (self.processor or []) if isinstance(p, RaggedProcessor)] if isinstance(
+            self.processor, (list, tuple)) else [self.processor]
+        return next((p.meta for p in procs if getattr(p, "meta", None)), {})
+
+    @property
+    def vocab(self) -> Any:
+        "The fastai ``Vocab`` of the ids (``meta['itos']``); ``ArgumentError`` if the store has none."
+        itos = self._meta().get("itos")
+        if not itos:
+            raise ArgumentError(f"{getattr(self.store, 'path', type(self).__name__)}: expected meta['itos'] (the vocab) "
+                                "in the token store, found none; write it with texts_to_memmap or meta={'itos': ...}")
+        return import_fastai_text().Vocab(list(itos))
