@@ -38,6 +38,8 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
+from fastai_memmap.bench import evict   # fsync + POSIX_FADV_DONTNEED: the page cache emptied of the files
+
 ROW = 1024                  # float32 values per row: 4 KiB rows
 BS = 256
 CHUNK = 8 << 20             # bytes per read() of the sequential reference
@@ -140,16 +142,6 @@ def device_read_bytes(path: Path) -> Optional[int]:
         return int(p.read_text().split()[2]) * 512
     except (OSError, IndexError, ValueError):
         return None
-
-
-def evict(files: List[Path]) -> None:
-    for p in files:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def random_preads(files: List[Path], threads: int, seconds: float, seed: int = 0) -> float:
