@@ -181,8 +181,9 @@ def test_apply_twice_changes_nothing():
 
 def test_patches_are_recorded_and_documented():
     expected = {"torch_load", "solve", "dataloader_kwargs", "ragged_array", "numpy_aliases", "pkg_resources_warn",
-                "spacy3_tokenizer", "qrnn_inplace", "ipython_display", "text_import_hook"}   # the last four: issue 18
-    assert set(compat.PATCHES) == expected
+                "ipython_display", "text_import_hook"}
+    on_text_import = {"spacy3_tokenizer", "qrnn_inplace"}   # recorded once fastai.text is imported (issue 18)
+    assert expected <= set(compat.PATCHES) <= expected | on_text_import
     for name, patch in compat.PATCHES.items():
         assert patch.name == name and patch.targets and patch.reason and patch.location
         assert f"``{name}``" in compat.__doc__
