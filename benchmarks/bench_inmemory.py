@@ -31,7 +31,7 @@ import fastai_memmap  # noqa: F401  (applies the fastai compat fixes)
 from fastai.basic_data import DataBunch
 from fastai.vision import Image, ImageList, get_transforms
 
-from fastai_memmap.inmemory import ImageListInMemory
+from fastai_memmap.vision.inmemory import ImageListInMemory
 
 N_CLASSES = 10
 

@@ -38,7 +38,7 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from fastai_memmap.bench import evict   # fsync + POSIX_FADV_DONTNEED: the page cache emptied of the files
+from fastai_memmap.cli.bench import evict   # fsync + POSIX_FADV_DONTNEED: the page cache emptied of the files
 
 ROW = 1024                  # float32 values per row: 4 KiB rows
 BS = 256
@@ -146,7 +146,7 @@ def device_read_bytes(path: Path) -> Optional[int]:
 
 def random_preads(files: List[Path], threads: int, seconds: float, seed: int = 0) -> float:
     "Random 4 KiB preads per second over the data pages of `files`, from `threads` threads (each page once)."
-    from fastai_memmap.format import read_npy_header
+    from fastai_memmap.store.format import read_npy_header
     spans = []
     for p in files:
         _, _, off = read_npy_header(p)
@@ -191,7 +191,7 @@ def loader_case(x: Path, y: Path, order: str, workers: Any, seconds: float, cg: 
     "One databunch case, cold, with `room` bytes of page cache: rows/s, GB/s, amplification, the message."
     import fastai_memmap  # noqa: F401
     from fastai_memmap import MemmapArray, MemmapItemList
-    from fastai_memmap.random_order import RandomShuffle, ReadStrategyWarning
+    from fastai_memmap.data.random_order import RandomShuffle, ReadStrategyWarning
     files = MemmapArray.open(x).shard_files + MemmapArray.open(y).shard_files
     evict(files)
     set_room(cg, room)                                 # the budget the databunch sees: `room`
@@ -258,11 +258,11 @@ def build_store(root: Path, gb: float) -> tuple:
 def inner(args: argparse.Namespace) -> Dict[str, Any]:
     "The measurements, in this process (already in the cgroup)."
     from fastai_memmap import MemmapArray
-    from fastai_memmap.memory import memory_budget
+    from fastai_memmap.store.memory import memory_budget
     global BLKIO
     x, y, cg, room = Path(args.dir) / "x", Path(args.dir) / "y", Path(args.cgroup), int(args.room_gb * 1e9)
     BLKIO = Path(args.blkio) if args.blkio else None
-    import fastai_memmap.items  # noqa: F401  (fastai and torch imported before the first limit)
+    import fastai_memmap.data.items  # noqa: F401  (fastai and torch imported before the first limit)
     files = MemmapArray.open(x).shard_files
     set_room(cg, room)
     out: Dict[str, Any] = dict(budget=memory_budget(), room=room, store_bytes=sum(p.stat().st_size for p in files))

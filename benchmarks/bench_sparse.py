@@ -26,8 +26,8 @@ from fastai.basic_train import Learner
 from fastai.callback import Callback
 from fastai.metrics import accuracy
 from fastai_memmap import MemmapArray, MemmapItemList, save_memmap
-from fastai_memmap.sparse import SparseWriter
-from fastai_memmap.sparse_items import SparseLinear
+from fastai_memmap.store.sparse import SparseWriter
+from fastai_memmap.data.sparse_items import SparseLinear
 
 
 def disk_bytes(path: Path) -> int:

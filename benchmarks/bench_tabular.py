@@ -131,11 +131,11 @@ def main() -> None:
     print(f"CSV: {a.rows} rows, {mb(size)} ({time.perf_counter() - t0:.1f} s to write); "
           f"chunksize {a.chunksize} = {a.rows / a.chunksize:.0f} chunks")
 
-    conv = measure("from fastai_memmap.tabular import tabular_to_memmap",
+    conv = measure("from fastai_memmap.tabular.item_list import tabular_to_memmap",
                    f"tabular_to_memmap({str(csv)!r}, {str(store)!r}, {CATS}, {CONTS}, 'target', "
                    f"chunksize={a.chunksize}, valid_pct=0.2, seed=0, progress=False)")
     ref = measure("import pandas as pd\nfrom fastai.tabular import TabularList, FillMissing, Categorify, Normalize\n"
-                  "import fastai_memmap.compat as c; c.apply()",
+                  "import fastai_memmap.data.compat as c; c.apply()",
                   f"df = pd.read_csv({str(csv)!r})\n"
                   f"src = (TabularList.from_df(df, cat_names={CATS}, cont_names={CONTS}, "
                   f"procs=[FillMissing, Categorify, Normalize]).split_by_rand_pct(0.2, seed=0)"
@@ -149,7 +149,7 @@ def main() -> None:
           f"{(conv['peak'] - conv['before']) / size:.2f}; in-RAM growth / CSV size = {(ref['peak'] - ref['before']) / size:.2f}")
 
     # ------------------------------------------------------------------ throughput, same rows and split
-    from fastai_memmap.tabular import MemmapTabularList
+    from fastai_memmap.tabular.item_list import MemmapTabularList
     from fastai.tabular import Categorify, FillMissing, Normalize, TabularList
     mdata = (MemmapTabularList.from_memmap(store).split_from_memmap().label_from_memmap()
              .databunch(bs=a.bs, num_workers=0))

@@ -15,7 +15,6 @@ without a warning. ``fastai_memmap.cli`` likewise (it exports ``main``).
 import importlib
 import importlib.abc
 import importlib.machinery
-import importlib.util
 import sys
 import threading
 import warnings
@@ -87,10 +86,12 @@ class _MovedLoader(importlib.abc.Loader):
 
     def create_module(self, spec: Any) -> Any:
         _warn(self.old, self.new, stacklevel=8)
-        return importlib.import_module(self.new)
+        module = importlib.import_module(self.new)
+        self.spec = module.__spec__
+        return module
 
     def exec_module(self, module: Any) -> None:
-        module.__spec__ = importlib.util.find_spec(self.new)   # the import system set the old spec on it
+        module.__spec__ = self.spec   # the import system has just set the old path's spec on it
 
 
 class _MovedFinder(importlib.abc.MetaPathFinder):

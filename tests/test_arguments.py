@@ -8,10 +8,10 @@ from store_data import write_png_folder
 
 import fastai_memmap  # noqa: F401  (applies the fastai compat fixes)
 from fastai_memmap import MemmapItemList, save_memmap
-from fastai_memmap import inmemory
+from fastai_memmap.vision import inmemory
 from fastai_memmap.errors import ArgumentError, ArgumentTypeError, FormatError, WriterConflictError
-from fastai_memmap.inmemory import ImageListInMemory
-from fastai_memmap.shm import SharedBuffer
+from fastai_memmap.vision.inmemory import ImageListInMemory
+from fastai_memmap.store.shm import SharedBuffer
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The batch fast path (fastai_memmap.batching) and the device stage (fastai_memmap.device): whole
+"""The batch fast path (fastai_memmap.data.batching) and the device stage (fastai_memmap.data.device): whole
 batches equal to fastai's per-item path for every label kind, fallback with tfms, uint8 images made
 float on the device before normalize, worker defaults, the prefetch thread, export/load_learner."""
 import random
@@ -19,12 +19,12 @@ from fastai.vision import get_transforms
 
 from fastai_memmap import save_memmap
 from fastai_memmap.errors import ArgumentError, ArgumentTypeError
-from fastai_memmap.batching import Collated, FastLabelList, WorkersSlowerWarning, memmap_collate, takes_fast_path
-from fastai_memmap.device import (PrefetchDataLoader, insert_to_float, to_float, to_float_tfm, use_prefetch_thread,
-                                  with_to_float)
-from fastai_memmap.images import MemmapImageList, rows_to_nchw, rows_to_nchw_uint8
-from fastai_memmap.items import MemmapItemList
-from fastai_memmap.labels import MemmapCategoryList, MemmapFloatList
+from fastai_memmap.data.batching import Collated, FastLabelList, WorkersSlowerWarning, memmap_collate, takes_fast_path
+from fastai_memmap.data.device import (PrefetchDataLoader, insert_to_float, to_float, to_float_tfm, use_prefetch_thread,
+                                       with_to_float)
+from fastai_memmap.vision.images import MemmapImageList, rows_to_nchw, rows_to_nchw_uint8
+from fastai_memmap.data.items import MemmapItemList
+from fastai_memmap.data.labels import MemmapCategoryList, MemmapFloatList
 
 N, D = 120, 6
 IDX = [5, 0, 77, 5, 99, 33, 2]      # unsorted, with a repeat

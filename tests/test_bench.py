@@ -1,4 +1,4 @@
-"""`fastai-memmap bench` (fastai_memmap.bench): a tiny run delivers every row it asks for and writes
+"""`fastai-memmap bench` (fastai_memmap.cli.bench): a tiny run delivers every row it asks for and writes
 the JSON it documents; page-cache helpers evict and measure residency. No timing assertions."""
 import json
 import os
@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fastai_memmap.bench import TARGETS, bench_main, evict, read_bytes, resident_fraction
+from fastai_memmap.cli.bench import TARGETS, bench_main, evict, read_bytes, resident_fraction
 
 TINY = ["--quick", "--rows", "768", "--dim", "32", "--images", "96", "--side", "8", "--bs", "32",
         "--repeats", "1", "--item-cap", "96", "--image-cap", "64", "--tfm-cap", "64"]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fastai_memmap import save_memmap
-from fastai_memmap.cli import main
+from fastai_memmap.cli.main import main
 
 
 def test_info_and_verify(tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""Tests of fastai_memmap.compat: each breakage is reproduced in a fresh interpreter that imports fastai
+"""Tests of fastai_memmap.data.compat: each breakage is reproduced in a fresh interpreter that imports fastai
 alone (no fastai_memmap), then shown fixed in this process after `compat.apply()`."""
 import json
 import subprocess
@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from fastai_memmap import compat
+from fastai_memmap.data import compat
 
 # Data builders, run both in the unpatched subprocess and here, so both sides see the same objects.
 BUILDERS = '''
@@ -110,7 +110,7 @@ def fresh_interpreters(tmp_path_factory):
     unpatched_dir, isolated_dir = tmp_path_factory.mktemp("unpatched"), tmp_path_factory.mktemp("isolated")
     procs = {"unpatched": (start_python(f"BUILDERS = {BUILDERS!r}\n{UNPATCHED}", str(unpatched_dir),
                                         cwd=unpatched_dir), unpatched_dir),
-             "isolated": (start_python(ISOLATED_APPLY, str(Path(compat.__file__).parent), cwd=isolated_dir), None)}
+             "isolated": (start_python(ISOLATED_APPLY, str(Path(compat.__file__).parent.parent), cwd=isolated_dir), None)}
     yield procs
     for proc, _ in procs.values():
         if proc.poll() is None:
@@ -364,10 +364,11 @@ def test_image_bbox_from_array():
 # --------------------------------------------------------------------------------------------- pkg_resources
 ISOLATED_APPLY = '''
 import json, sys, types, warnings
-package = types.ModuleType("fastai_memmap")  # load compat without the package __init__
-package.__path__ = [sys.argv[1]]
-sys.modules["fastai_memmap"] = package
-from fastai_memmap import compat
+for name, where in (("fastai_memmap", sys.argv[1]), ("fastai_memmap.data", sys.argv[1] + "/data")):
+    package = types.ModuleType(name)  # load compat without the __init__s (the data layer's applies the fixes)
+    package.__path__ = [where]
+    sys.modules[name] = package
+from fastai_memmap.data import compat
 before = compat.applied()
 filters = list(warnings.filters)
 with warnings.catch_warnings(record=True) as caught:

@@ -9,13 +9,14 @@ import pytest
 import fastai_memmap  # noqa: F401  (applies the fastai compat fixes)
 from fastai.vision import open_image
 
-from fastai_memmap import MemmapArray, convert_images
-from fastai_memmap.convert_images import (DecodeSpec, ImageReadError, cli_convert_images, images_to_memmap,
+from fastai_memmap import MemmapArray
+from fastai_memmap.vision import convert as convert_images
+from fastai_memmap.vision.convert import (DecodeSpec, ImageReadError, cli_convert_images, images_to_memmap,
                                           read_image, n_workers, chunk_bounds)
 from fastai_memmap.errors import ItemShapeError, StoreExistsError, UnsupportedDtypeError
-from fastai_memmap.images import MemmapImageList
-from fastai_memmap.inmemory import ImageListInMemory
-from fastai_memmap.labels import MemmapCategoryList
+from fastai_memmap.vision.images import MemmapImageList
+from fastai_memmap.vision.inmemory import ImageListInMemory
+from fastai_memmap.data.labels import MemmapCategoryList
 
 CLASSES = ["ant", "bee"]
 

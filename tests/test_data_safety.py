@@ -11,13 +11,13 @@ from hypothesis import given, settings, strategies as st
 from PIL import Image
 
 from fastai_memmap import MemmapArray, MemmapWriter, save_memmap
-from fastai_memmap.casting import cast_rows
-from fastai_memmap.convert_images import images_to_memmap
+from fastai_memmap.store.casting import cast_rows
+from fastai_memmap.vision.convert import images_to_memmap
 from fastai_memmap.errors import (FormatError, ItemShapeError, LossyCastError, MemmapError, NotAStoreError,
                                   OverlapError, StoreExistsError, StoreIOError, WriterStateError)
-from fastai_memmap.format import MANIFEST_NAME, MAX_META_BYTES, Manifest
-from fastai_memmap import writer as writer_module
-from fastai_memmap.writer import WriterGroup
+from fastai_memmap.store.format import MANIFEST_NAME, MAX_META_BYTES, Manifest
+from fastai_memmap.store import writer as writer_module
+from fastai_memmap.store.writer import WriterGroup
 
 
 def snapshot(root: Path) -> dict:

@@ -12,7 +12,7 @@ RANK_SCRIPT = textwrap.dedent('''
     import fastai_memmap
     from fastai.basic_train import Learner, LearnerCallback
     from fastai_memmap import MemmapItemList
-    from fastai_memmap.distributed import to_memmap_distributed
+    from fastai_memmap.data.distributed import to_memmap_distributed
 
     class Record(LearnerCallback):
         def on_epoch_begin(self, **kw): self.ids = []
@@ -80,7 +80,7 @@ def one_rank(tmp_path):
 
 
 def test_no_process_group_refused():
-    from fastai_memmap.distributed import to_memmap_distributed
+    from fastai_memmap.data.distributed import to_memmap_distributed
     assert not dist.is_initialized()
     with pytest.raises(ArgumentError, match="expected an initialised torch.distributed process group"):
         to_memmap_distributed(object())
@@ -89,8 +89,8 @@ def test_no_process_group_refused():
 def test_language_model_bunch_refused_before_fit(one_rank):
     "An LM bunch used to die inside `fit` (the block sampler mixed the rows of different batches)."
     from fastai.basic_train import Learner
-    from fastai_memmap.distributed import MemmapDistributedTrainer, to_memmap_distributed
-    from fastai_memmap.text import MemmapLMDataBunch
+    from fastai_memmap.data.distributed import MemmapDistributedTrainer, to_memmap_distributed
+    from fastai_memmap.text.lm import MemmapLMDataBunch
     docs = [np.arange(2, 2 + n % 30).astype(np.int32) for n in range(20, 60)]
     data = MemmapLMDataBunch.from_memmap(save_memmap(one_rank / "c", docs, kind="ragged"), vocab=40, bs=2, bptt=4,
                                          valid_pct=0.2, seed=0)
@@ -107,7 +107,7 @@ def test_language_model_bunch_refused_before_fit(one_rank):
     (dict(window_blocks=0), ArgumentError, "window_blocks"),
 ])
 def test_bad_options_refused_before_any_change(one_rank, kwargs, error, words):
-    from fastai_memmap.distributed import to_memmap_distributed
+    from fastai_memmap.data.distributed import to_memmap_distributed
 
     class FakeLearner:
         callbacks = []
@@ -121,7 +121,7 @@ def test_bad_options_refused_before_any_change(one_rank, kwargs, error, words):
                                         ((-1, 1, 0), ArgumentError), ((10, 2, 1.0), ArgumentTypeError)])
 def test_rank_slice_sampler_refuses_bad_ranks(args, error):
     "num_replicas=0 used to raise ZeroDivisionError."
-    from fastai_memmap.distributed import RankSliceSampler
+    from fastai_memmap.data.distributed import RankSliceSampler
     with pytest.raises(error, match="expected"):
         RankSliceSampler(*args)
     parts = [list(RankSliceSampler(10, 3, r)) for r in range(3)]

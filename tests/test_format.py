@@ -1,4 +1,4 @@
-"""Tests of the on-disk format (fastai_memmap.format): npy headers, manifests, and the table of
+"""Tests of the on-disk format (fastai_memmap.store.format): npy headers, manifests, and the table of
 malformed stores that `MemmapArray.open` must refuse with a typed error naming the file."""
 import hashlib
 import io
@@ -14,9 +14,9 @@ from hypothesis import given, settings, strategies as st
 from fastai_memmap import MemmapArray, save_memmap
 from fastai_memmap.errors import (FormatError, ShardMismatchError, StoreNotFoundError,
                                   TruncatedStoreError, UnsafePathError, UnsupportedDtypeError)
-from fastai_memmap.format import (ARRAY_ALIGN, DATA_ALIGN, FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, Manifest, ShardInfo,
-                                  check_dtype, confined_path, describe, npy_header_bytes, read_npy_header,
-                                  shard_name)
+from fastai_memmap.store.format import (ARRAY_ALIGN, DATA_ALIGN, FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, Manifest, ShardInfo,
+                                        check_dtype, confined_path, describe, npy_header_bytes, read_npy_header,
+                                        shard_name)
 
 DTYPES = ["?", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "f2", "f4", "f8", "c8", ">f4", ">i2"]
 item_shapes = st.lists(st.integers(0, 4), min_size=0, max_size=3).map(tuple)

@@ -11,7 +11,7 @@ from fastai.vision.data import ImageDataBunch
 
 from fastai_memmap import save_memmap
 from fastai_memmap.errors import ItemShapeError
-from fastai_memmap.images import MemmapImageList, MemmapSegmentationLabelList, image_layout, row_to_chw
+from fastai_memmap.vision.images import MemmapImageList, MemmapSegmentationLabelList, image_layout, row_to_chw
 
 
 @pytest.fixture

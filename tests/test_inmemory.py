@@ -20,13 +20,15 @@ from fastai.basic_train import load_learner
 from fastai.vision import (ImageList, cnn_learner, crop_pad, get_transforms, models,
                            open_image, open_mask, unet_learner)
 
-from fastai_memmap import convert_images, inmemory, shm
-from fastai_memmap.convert_images import DecodeSpec, ImageReadError
+from fastai_memmap.vision import convert as convert_images
+from fastai_memmap.vision import inmemory
+from fastai_memmap.store import shm
+from fastai_memmap.vision.convert import DecodeSpec, ImageReadError
 from fastai_memmap.errors import FormatError, MemoryBudgetError
-from fastai_memmap.images import MemmapImageList
-from fastai_memmap.inmemory import (ImageDataBunchInMemory, ImageListInMemory, LabelListsInMemory, PixelBuffer,
-                                    SegmentationItemListInMemory, SegmentationLabelListInMemory, preload, unload)
-from fastai_memmap.shm import SharedBuffer
+from fastai_memmap.vision.images import MemmapImageList
+from fastai_memmap.vision.inmemory import (ImageDataBunchInMemory, ImageListInMemory, LabelListsInMemory, PixelBuffer,
+                                           SegmentationItemListInMemory, SegmentationLabelListInMemory, preload, unload)
+from fastai_memmap.store.shm import SharedBuffer
 
 MODES = ["RGB", "L", "RGBA", "P"]
 CLASSES = ["cat", "dog", "eel"]

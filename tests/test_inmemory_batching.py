@@ -10,9 +10,9 @@ import torch
 import fastai_memmap  # noqa: F401  (applies the fastai compat fixes)
 from fastai.vision import cnn_learner, crop_pad, imagenet_stats, models
 
-from fastai_memmap.batching import Collated, WorkersSlowerWarning, takes_fast_path
-from fastai_memmap.device import to_float, to_float_tfm
-from fastai_memmap.inmemory import ImageDataBunchInMemory, ImageListInMemory, SegmentationItemListInMemory
+from fastai_memmap.data.batching import Collated, WorkersSlowerWarning, takes_fast_path
+from fastai_memmap.data.device import to_float, to_float_tfm
+from fastai_memmap.vision.inmemory import ImageDataBunchInMemory, ImageListInMemory, SegmentationItemListInMemory
 
 CLASSES = ["cat", "dog"]
 

@@ -12,8 +12,8 @@ from fastai.data_block import FloatList
 
 from fastai_memmap import save_memmap, MemmapArray
 from fastai_memmap.errors import ItemShapeError, LabelError, MemmapError, ShardMismatchError
-from fastai_memmap.items import MemmapItem, MemmapItemList, RowIndex
-from fastai_memmap.labels import MemmapCategoryList, MemmapFloatList
+from fastai_memmap.data.items import MemmapItem, MemmapItemList, RowIndex
+from fastai_memmap.data.labels import MemmapCategoryList, MemmapFloatList
 
 N, D = 300, 8
 

@@ -1,4 +1,4 @@
-"""Label lists over a label store (fastai_memmap.labels): class codes outside the class list, ragged
+"""Label lists over a label store (fastai_memmap.data.labels): class codes outside the class list, ragged
 label stores and uint64 codes beyond int64 are refused with ``LabelError`` when labelling, never
 passed on to fail later inside the model (``CrossEntropy``/embedding) or to wrap."""
 import numpy as np
@@ -8,7 +8,7 @@ from hypothesis import given, settings, strategies as st
 import fastai_memmap  # noqa: F401  (applies the fastai compat fixes)
 from fastai_memmap import MemmapArray, MemmapItemList, save_memmap
 from fastai_memmap.errors import LabelError, MemmapError
-from fastai_memmap.labels import MemmapCategoryList
+from fastai_memmap.data.labels import MemmapCategoryList
 
 
 @pytest.fixture(scope="module")

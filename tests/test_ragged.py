@@ -1,4 +1,4 @@
-"""Ragged stores (fastai_memmap.ragged) and their item lists (ragged_items, padding): round trips
+"""Ragged stores (fastai_memmap.store.ragged) and their item lists (ragged_items, padding): round trips
 against the source items, plain-numpy readability, malformed offsets refused with typed errors,
 padding and bucketing, a learner on padded batches."""
 import json
@@ -23,10 +23,10 @@ from fastai_memmap import MemmapArray, MemmapItemList, MemmapWriter, save_memmap
 from fastai_memmap.errors import (ArgumentError, ArgumentTypeError, FormatError, ItemShapeError, LabelError,
                                   LossyCastError, MemmapError, OffsetsError, RowIndexError, RowIndexTypeError,
                                   ShardMismatchError, StoreNotFoundError, TruncatedStoreError, WriterStateError)
-from fastai_memmap.format import MANIFEST_NAME, read_npy_header
-from fastai_memmap.padding import BucketSampler, RaggedCollate, RaggedDataBunch, pad_ragged
-from fastai_memmap.ragged import RaggedArray, RaggedWriter, check_offsets, ragged_ranges
-from fastai_memmap.ragged_items import RaggedItem, RaggedItemList, RaggedProcessor
+from fastai_memmap.store.format import MANIFEST_NAME, read_npy_header
+from fastai_memmap.data.padding import BucketSampler, RaggedCollate, RaggedDataBunch, pad_ragged
+from fastai_memmap.store.ragged import RaggedArray, RaggedWriter, check_offsets, ragged_ranges
+from fastai_memmap.data.ragged_items import RaggedItem, RaggedItemList, RaggedProcessor
 
 
 
@@ -286,7 +286,7 @@ def test_lazy_validation_checks_a_shard_before_its_first_read(tmp_path):
 
 
 def test_check_offsets_in_chunks(monkeypatch):
-    import fastai_memmap.ragged as ragged
+    import fastai_memmap.store.ragged as ragged
     monkeypatch.setattr(ragged, "OFFSETS_CHECK_CHUNK", 3)
     o = np.arange(11, dtype=np.int64)
     check_offsets(o, 10, "f")
@@ -310,10 +310,8 @@ def test_bad_row_index_refused(tmp_path, key, error):
 
 # ---------------------------------------------------------------- processes
 CHILD = textwrap.dedent("""
-    import sys, types, pickle
-    pkg = types.ModuleType("fastai_memmap")
-    pkg.__path__ = [sys.argv[1]]
-    sys.modules["fastai_memmap"] = pkg                 # the store modules need numpy only, not fastai
+    import sys, pickle
+    import fastai_memmap.store                         # numpy only: imports neither torch nor fastai
     a = pickle.loads(sys.stdin.buffer.read())
     sys.stdout.buffer.write(pickle.dumps([x.tobytes() for x in a[::-1]]))
 """)
@@ -585,7 +583,7 @@ def test_block_shuffle_on_a_ragged_list_delivers_each_training_item_at_most_once
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         data = ll.databunch(bs=16, num_workers=0, shuffle="block")
-        from fastai_memmap.sampling import BlockShuffleSampler
+        from fastai_memmap.data.sampling import BlockShuffleSampler
         assert isinstance(data.train_dl.dl.sampler, BlockShuffleSampler)
         for _ in range(2):
             seen = []

@@ -1,4 +1,4 @@
-"""Tests of the reader (fastai_memmap.reader.MemmapArray): indexing semantics against numpy on real
+"""Tests of the reader (fastai_memmap.store.reader.MemmapArray): indexing semantics against numpy on real
 stores, owned results, bare .npy files, pickling across processes, the open-map bound, verify()."""
 import mmap
 import multiprocessing as mp

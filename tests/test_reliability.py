@@ -29,14 +29,14 @@ from store_data import assert_store_refused
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from fastai_memmap import MemmapArray, MemmapWriter, save_memmap
-from fastai_memmap import reader as reader_module
-from fastai_memmap import writer as writer_module
+from fastai_memmap.store import reader as reader_module
+from fastai_memmap.store import writer as writer_module
 from fastai_memmap.errors import (NotAStoreError, ChecksumError, FormatError, MemmapError, RowIndexError, RowIndexTypeError,
                                   ShardMismatchError, StoreChangedError, StoreExistsError, StoreNotFoundError,
                                   StoreWriteError, TruncatedStoreError, UnsafePathError, UnsupportedDtypeError,
                                   WriterConflictError)
-from fastai_memmap.format import MANIFEST_NAME, Manifest, npy_header_bytes, read_npy_header
-from fastai_memmap.writer import OLD_MARK, TMP_MARK
+from fastai_memmap.store.format import MANIFEST_NAME, Manifest, npy_header_bytes, read_npy_header
+from fastai_memmap.store.writer import OLD_MARK, TMP_MARK
 
 PKG_DIR = Path(reader_module.__file__).parent
 S0, S1 = "shard-000000.npy", "shard-000001.npy"
@@ -64,13 +64,10 @@ def check_generation(a, allowed):
 
 
 # ---------------------------------------------------------------- child processes
-# Children load the package's modules without its __init__ (which imports fastai and torch: seconds
-# per process); the reader and the writer need neither.
-PRELUDE = textwrap.dedent(f"""
-    import json, os, signal, sys, time, types
-    pkg = types.ModuleType("fastai_memmap")
-    pkg.__path__ = [{str(PKG_DIR)!r}]
-    sys.modules["fastai_memmap"] = pkg
+# Children import only the store layer (numpy only: no fastai or torch, which take seconds per process).
+PRELUDE = textwrap.dedent("""
+    import json, os, signal, sys, time
+    import fastai_memmap.store
     import numpy as np
 """)
 
@@ -502,7 +499,7 @@ def test_fuzz_store_bytes(pristine, data):
 
 # ================================================================ a file shrinks under an open reader
 SHRINK_CHILD = """
-    from fastai_memmap.reader import MemmapArray
+    from fastai_memmap.store.reader import MemmapArray
     from fastai_memmap.errors import StoreChangedError
     a = MemmapArray.open(sys.argv[1])
     if sys.argv[2] == "unchecked":                # the control: what happens without the size check
@@ -626,7 +623,7 @@ def test_store_replaced_while_opening_is_refused(tmp_path, monkeypatch):
 
 
 REPLACER = """
-    from fastai_memmap.writer import save_memmap
+    from fastai_memmap.store.save import save_memmap
     store, n = sys.argv[1], int(sys.argv[2])
     for g in range(1, n + 1):
         x = (g * 1000 + np.arange(40, dtype=np.int32))[:, None].repeat(3, 1)
@@ -670,8 +667,8 @@ def test_readers_racing_a_replacing_writer_long(tmp_path):
 
 # ================================================================ writers: crashes, races, full disk
 KILLED_OVERWRITER = """
-    from fastai_memmap import writer
-    from fastai_memmap.writer import MemmapWriter
+    from fastai_memmap.store import writer
+    from fastai_memmap.store.writer import MemmapWriter
     target, g, die_at = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     if die_at != "-":                             # die (SIGKILL) just before or after the n-th call of a step
         when, name, nth = die_at.split(":")
@@ -726,8 +723,8 @@ def _kill_overwriter(tmp_path, die_at="-", delay=None, pause=0.0, no_exchange=Fa
 
 # (step, commit by exchange?, generation found after the kill): before the commit point the previous store,
 # after it the new one. The fallback's crash between its two renames is covered by the next test.
-COMMIT_STEPS = [("before:fsync:1", True, 0), ("after:fsync:2", True, 0), ("before:_write_fsync:1", True, 0),
-                ("after:_write_fsync:1", True, 0), ("before:_fsync_dir:1", True, 0), ("before:_exchange:1", True, 0),
+COMMIT_STEPS = [("before:fsync:1", True, 0), ("after:fsync:2", True, 0), ("before:write_fsync:1", True, 0),
+                ("after:write_fsync:1", True, 0), ("before:fsync_dir:1", True, 0), ("before:_exchange:1", True, 0),
                 ("after:_exchange:1", True, 1), ("before:_remove:1", True, 1),
                 ("before:rename:1", False, 0), ("after:rename:2", False, 1), ("before:_remove:1", False, 1)]
 
@@ -798,8 +795,8 @@ def test_disk_full_at_each_step_raises_and_keeps_previous_store(tmp_path, monkey
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    name = {"_finish_shard fsync": (os, "fsync"), "manifest write": (writer_module, "_write_fsync"),
-            "directory fsync": (writer_module, "_fsync_dir"), "commit": (writer_module, "_exchange")}[where]
+    name = {"_finish_shard fsync": (os, "fsync"), "manifest write": (writer_module, "write_fsync"),
+            "directory fsync": (writer_module, "fsync_dir"), "commit": (writer_module, "_exchange")}[where]
     monkeypatch.setattr(*name, full)
     if where == "commit":
         monkeypatch.setattr(os, "rename", full)   # the fallback commit fails the same way
@@ -814,7 +811,7 @@ def test_disk_full_at_each_step_raises_and_keeps_previous_store(tmp_path, monkey
 
 
 RACING_WRITER = """
-    from fastai_memmap.writer import MemmapWriter
+    from fastai_memmap.store.writer import MemmapWriter
     from fastai_memmap.errors import WriterConflictError
     target, g, go = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     while not os.path.exists(go):
@@ -862,7 +859,7 @@ NO_PICKLE_CHILD = """
             events.append(["mmap", args[2]])
     for name in ("loads", "load", "Unpickler"):
         setattr(pickle, name, lambda *a, **k: (_ for _ in ()).throw(RuntimeError("pickle used")))
-    from fastai_memmap.reader import MemmapArray
+    from fastai_memmap.store.reader import MemmapArray
     sys.addaudithook(hook)
     for store in sys.argv[2:]:
         a = MemmapArray.open(store)
@@ -982,6 +979,6 @@ def test_stale_cleanup_only_touches_its_own_target(tmp_path):
 def test_unparsable_or_non_numeric_dtype_strings_refused(dtype):
     "Strings numpy parses as comma formats raised ValueError/SyntaxError before (found by fuzzing)."
     from fastai_memmap.errors import UnsupportedDtypeError
-    from fastai_memmap.format import check_dtype
+    from fastai_memmap.store.format import check_dtype
     with pytest.raises(UnsupportedDtypeError, match="expected a numeric"):
         check_dtype(dtype)

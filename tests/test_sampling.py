@@ -1,4 +1,4 @@
-"""Block shuffling (fastai_memmap.sampling) and the reader's access hints: every row once per epoch,
+"""Block shuffling (fastai_memmap.data.sampling) and the reader's access hints: every row once per epoch,
 locality, reproducibility, rank splits, readahead, and the sampler inside fastai's data bunches."""
 import pickle
 import threading
@@ -15,9 +15,9 @@ from fastai.basic_train import Learner
 
 from fastai_memmap import MemmapArray, save_memmap
 from fastai_memmap.errors import ArgumentError, ArgumentTypeError, MemmapError
-from fastai_memmap.items import MemmapItemList
-from fastai_memmap.sampling import (BlockShuffle, BlockShuffleSampler, block_shuffle_order, shuffle_option,
-                                    READAHEAD_WINDOWS)
+from fastai_memmap.data.items import MemmapItemList
+from fastai_memmap.data.sampling import (BlockShuffle, BlockShuffleSampler, block_shuffle_order, shuffle_option,
+                                         READAHEAD_WINDOWS)
 
 N, D = 600, 4
 

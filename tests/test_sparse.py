@@ -1,4 +1,4 @@
-"""Sparse stores (fastai_memmap.sparse) and SparseItemList: round trips against scipy (all-zero rows,
+"""Sparse stores (fastai_memmap.store.sparse) and SparseItemList: round trips against scipy (all-zero rows,
 duplicates, no values), malformed stores and indices refused with typed errors, batch expansion equal
 to ``scipy_matrix[rows].toarray()``, learners on dense and on torch-sparse batches."""
 import hashlib
@@ -20,9 +20,9 @@ from fastai.basic_train import Learner, load_learner
 from fastai_memmap import MemmapArray, MemmapItemList, MemmapWriter, save_memmap
 from fastai_memmap.errors import (ArgumentError, ArgumentTypeError, ChecksumError, FormatError, ItemShapeError,
                                   OffsetsError, ShardMismatchError, SparseIndexError)
-from fastai_memmap.format import MANIFEST_NAME, read_npy_header
-from fastai_memmap.sparse import SparseArray, SparseWriter, csr_to_dense
-from fastai_memmap.sparse_items import SparseItem, SparseItemList, SparseLinear, sparse_batch
+from fastai_memmap.store.format import MANIFEST_NAME, read_npy_header
+from fastai_memmap.store.sparse import SparseArray, SparseWriter, csr_to_dense
+from fastai_memmap.data.sparse_items import SparseItem, SparseItemList, SparseLinear, sparse_batch
 
 
 
@@ -353,7 +353,7 @@ def test_unknown_output_refused_with_a_typed_error(sparse_stores):
     with pytest.raises(ArgumentError, match="output"):
         sparse_batch(MemmapArray.open(path / "x"), [0], "lens")
     with pytest.raises(ArgumentError, match="empty iterable"):
-        fastai_memmap.sparse.save_sparse(path / "e", iter([]))
+        fastai_memmap.store.sparse.save_sparse(path / "e", iter([]))
 
 
 def test_block_shuffle_reads_ahead_every_value_and_index_silently(sparse_stores, monkeypatch):

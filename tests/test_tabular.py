@@ -1,4 +1,4 @@
-"""Tests of fastai_memmap.records (tabular_to_memmap) and fastai_memmap.tabular (MemmapTabularList).
+"""Tests of fastai_memmap.tabular.convert (tabular_to_memmap) and fastai_memmap.tabular.item_list (MemmapTabularList).
 
 The reference is fastai's own ``TabularList.from_df(...).process()`` on the same table and split.
 """
@@ -15,12 +15,12 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from fastai_memmap.tabular import (ColumnNotFoundError, ColumnTypeError, ColumnValueError, MemmapTabularList,
-                                   TabularError, TabularStore, tabular_to_memmap)
-from fastai_memmap.records import (TabularState, _float_keys, _key_float, _RankSelector, iter_frames,
-                                   read_tabular_json)
+from fastai_memmap.tabular.item_list import (ColumnNotFoundError, ColumnTypeError, ColumnValueError, MemmapTabularList,
+                                             TabularError, TabularStore, tabular_to_memmap)
+from fastai_memmap.tabular.convert import TabularState, iter_frames, read_tabular_json
+from fastai_memmap.tabular.streaming_stats import _float_keys, _key_float, _RankSelector
 from fastai_memmap.errors import FormatError, MemmapError, StoreExistsError
-from fastai_memmap.reader import MemmapArray
+from fastai_memmap.store.reader import MemmapArray
 from fastai.basic_data import DatasetType
 from fastai.basic_train import load_learner
 from fastai.metrics import accuracy
@@ -146,7 +146,7 @@ def test_even_count_median_and_float_categories(tmp_path):
 
 def test_multi_pass_median_matches_pandas(table, tmp_path, monkeypatch):
     "A tiny selection budget forces the radix histogram passes over the staged values: still pandas' median."
-    from fastai_memmap import records
+    from fastai_memmap.tabular.item_list import convert as records
     monkeypatch.setattr(records, "MIN_SELECT_BUDGET", 1)
     monkeypatch.setattr(records, "STATS_BLOCK_ROWS", 97)
     df = table.assign(d=np.round(table.d, 1))        # many duplicates
@@ -520,7 +520,7 @@ def test_hostile_state_refused_at_load(store, tmp_path, change, err, match):
 def test_null_statistics_refused_at_predict(data, table, store, tmp_path):
     "A processor carrying NaN stds (built by hand, or unpickled from an export) refuses to predict NaN."
     import dataclasses
-    from fastai_memmap.tabular import MemmapTabularProcessor
+    from fastai_memmap.tabular.item_list import MemmapTabularProcessor
     st = data.train_ds.x.state
     bad = dataclasses.replace(st, stds={**st.stds, "d": float("nan")})
     with pytest.raises(ColumnValueError, match=r"predict: fitted state: expected a finite std .*\['d'\]"):
@@ -613,7 +613,7 @@ _RSS_CHILD = """
 import json, sys, threading, time, warnings
 warnings.filterwarnings("ignore")
 import psutil, pandas as pd
-from fastai_memmap.tabular import tabular_to_memmap
+from fastai_memmap.tabular.item_list import tabular_to_memmap
 proc, peak, done = psutil.Process(), [0], [False]
 def sample():
     while not done[0]:
@@ -657,7 +657,7 @@ def test_outputs_commit_as_a_group(table, store, tmp_path, monkeypatch):
     """cats, conts, y, valid and tabular.json are built in one hidden directory renamed once: when the y store
     fails (here its class list is over the manifest's meta limit, which the reader would refuse), no output
     appears, and a store being replaced (overwrite=True) stays as it was, byte for byte."""
-    import fastai_memmap.format as fmt
+    import fastai_memmap.store.format as fmt
     out = tmp_path / "s"
     tabular_to_memmap(table.iloc[:300], out, CATS, CONTS, "y", progress=False)
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
@@ -677,7 +677,7 @@ def test_outputs_commit_as_a_group(table, store, tmp_path, monkeypatch):
 
 def test_failure_after_x_is_written_leaves_nothing(table, tmp_path, monkeypatch):
     "A failure while the y rows are appended (x already complete in the build directory) commits nothing."
-    from fastai_memmap import writer as wr
+    from fastai_memmap.store import writer as wr
     real = wr.MemmapWriter.append
 
     def append(self, batch):

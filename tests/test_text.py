@@ -1,4 +1,4 @@
-"""Language modelling from a ragged store of token ids (fastai_memmap.text): the streams match the
+"""Language modelling from a ragged store of token ids (fastai_memmap.text.lm): the streams match the
 documents token for token, workers see the same batches, fastai.text imports without spacy, and
 ``language_model_learner`` trains one short epoch."""
 import sys
@@ -11,8 +11,8 @@ import fastai_memmap  # noqa: F401  (applies the fastai compat fixes)
 from fastai_memmap import save_memmap
 from fastai_memmap.errors import (ArgumentError, ArgumentTypeError, FastaiCompatError, ItemShapeError, RowIndexError,
                                   TokenIdError)
-from fastai_memmap.ragged import RaggedArray
-from fastai_memmap.text import LMStream, MemmapLMDataBunch, import_fastai_text, lm_vocab
+from fastai_memmap.store.ragged import RaggedArray
+from fastai_memmap.text.lm import LMStream, MemmapLMDataBunch, import_fastai_text, lm_vocab
 
 V = 40
 

@@ -1,4 +1,4 @@
-"""fastai.text on this stack (fastai_memmap.compat): spaCy 3 in `SpacyTokenizer`, QRNN's in-place gates,
+"""fastai.text on this stack (fastai_memmap.data.compat): spaCy 3 in `SpacyTokenizer`, QRNN's in-place gates,
 IPython 9's `display`, the import hook. Each fix is shown necessary (fastai's own code, kept as
 ``__wrapped__`` or reached in a fresh interpreter, fails) and sufficient (the patched code works)."""
 import json
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fastai_memmap  # noqa: F401  (applies the fixes, installs the import hook)
-from fastai_memmap import compat
+from fastai_memmap.data import compat
 
 pytest.importorskip("spacy", reason="the text extra (spaCy) is not installed")
 
@@ -27,7 +27,7 @@ try:
     out["import"] = None
 except ImportError as e:
     out["import"] = [type(e).__name__, isinstance(e, FastaiCompatError), str(e)]
-from fastai_memmap.text import import_fastai_text
+from fastai_memmap.text.lm import import_fastai_text
 t = import_fastai_text()                  # the case it still serves: pre-tokenised ids, no spaCy
 out["lm"] = hasattr(t, "language_model_learner") and hasattr(t, "AWD_LSTM")
 out["spacy_after"] = sys.modules.get("spacy", "absent")
@@ -42,7 +42,7 @@ print(json.dumps(out))
 IMPORT_AFTER = r'''
 import json, sys
 import fastai_memmap
-from fastai_memmap import compat
+from fastai_memmap.data import compat
 before = [n for n in ("fastai.text", "spacy") if n in sys.modules]
 import fastai.text
 from fastai.text.models import qrnn

@@ -1,4 +1,4 @@
-"""Raw text → token store (fastai_memmap.text_tokenize): ids equal fastai's ``TextList`` on the same corpus
+"""Raw text → token store (fastai_memmap.text.tokenize): ids equal fastai's ``TextList`` on the same corpus
 for every kind of source, in parallel or not; atomic on error; then LM ``predict`` and a classifier with
 export → ``load_learner`` → ``predict(text)``."""
 import json
@@ -13,14 +13,14 @@ import fastai_memmap  # noqa: F401
 from fastai_memmap import save_memmap
 from fastai_memmap.errors import (ArgumentError, ArgumentTypeError, ColumnNotFoundError, FormatError, OverlapError,
                                   SourceNotFoundError, StoreExistsError)
-from fastai_memmap.ragged import RaggedArray
+from fastai_memmap.store.ragged import RaggedArray
 
 pytest.importorskip("spacy", reason="the text extra (spaCy) is not installed")
 
 import fastai.text as ft  # noqa: E402
 from fastai.basic_train import load_learner  # noqa: E402
-from fastai_memmap.text import MemmapLMDataBunch, MemmapTextList, TextEncoder  # noqa: E402
-from fastai_memmap.text_tokenize import list_text_files, texts_to_memmap  # noqa: E402
+from fastai_memmap.text.lm import MemmapLMDataBunch, MemmapTextList, TextEncoder  # noqa: E402
+from fastai_memmap.text.tokenize import list_text_files, texts_to_memmap  # noqa: E402
 
 WORDS = ["the", "The", "cat", "DOG", "sat", "on", "a", "mat", "!!!!", "it's", "don't", "U.S.", "http://x.org",
          "#tag", "<br />", "&amp;", "hello", "World", "ok ok ok ok", "\n"] + [f"w{i}" for i in range(60)]

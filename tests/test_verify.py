@@ -10,8 +10,8 @@ import scipy.sparse
 from fastai_memmap import save_memmap
 from fastai_memmap.errors import (ChecksumError, MemmapError, OffsetsError, TruncatedStoreError,
                                   UnverifiedStoreError)
-from fastai_memmap.format import MANIFEST_NAME
-from fastai_memmap.reader import MemmapArray
+from fastai_memmap.store.format import MANIFEST_NAME
+from fastai_memmap.store.reader import MemmapArray
 
 CHECKSUM_KEYS = ("checksum", "offsets_checksum", "values_checksum")
 

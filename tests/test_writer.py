@@ -1,4 +1,4 @@
-"""Tests of the writer (fastai_memmap.writer): round-trips through MemmapWriter and save_memmap, shard
+"""Tests of the writer (fastai_memmap.store.writer): round-trips through MemmapWriter and save_memmap, shard
 layout, atomic commit and overwrite, locking, stale temporaries, crashes (SIGKILL) and a full disk."""
 import errno
 import json
@@ -19,9 +19,9 @@ from hypothesis import given, settings, strategies as st
 from fastai_memmap import MemmapArray, MemmapWriter, save_memmap
 from fastai_memmap.errors import (WriterStateError, ItemShapeError, MemmapError, StoreExistsError, StoreWriteError,
                                   UnsupportedDtypeError, WriterConflictError)
-from fastai_memmap.format import ARRAY_ALIGN, DATA_ALIGN, MANIFEST_NAME
-from fastai_memmap import writer as writer_module
-from fastai_memmap.writer import OLD_MARK, TMP_MARK
+from fastai_memmap.store.format import ARRAY_ALIGN, DATA_ALIGN, MANIFEST_NAME
+from fastai_memmap.store import writer as writer_module
+from fastai_memmap.store.writer import OLD_MARK, TMP_MARK
 
 from store_data import DTYPES, item_shapes, make_data
 
@@ -295,17 +295,14 @@ def test_stale_temporaries_removed_with_warning(tmp_path):
 
 
 # ---------------------------------------------------------------- crashes
-# Child processes load the package's modules without running its __init__ (which imports fastai and
-# torch: seconds per process); the writer needs none of that.
-CHILD_PRELUDE = textwrap.dedent(f"""
-    import sys, types
-    pkg = types.ModuleType("fastai_memmap")
-    pkg.__path__ = [{str(Path(writer_module.__file__).parent)!r}]
-    sys.modules["fastai_memmap"] = pkg
+# Child processes import only the store layer (numpy only: no fastai or torch, seconds per process).
+CHILD_PRELUDE = textwrap.dedent("""
+    import sys
+    import fastai_memmap.store
 """)
 KILLED_WRITER = CHILD_PRELUDE + textwrap.dedent("""
     import numpy as np
-    from fastai_memmap.writer import MemmapWriter
+    from fastai_memmap.store.writer import MemmapWriter
     print("start", flush=True)
     with MemmapWriter(sys.argv[1], np.int64, (32,), shard_rows=500) as w:
         for i in range(int(sys.argv[2])):
@@ -354,7 +351,7 @@ FULL_DISK = CHILD_PRELUDE + textwrap.dedent("""
     import json, resource, signal, numpy as np
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)          # write() then fails with EFBIG
     resource.setrlimit(resource.RLIMIT_FSIZE, (20000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
-    from fastai_memmap.writer import save_memmap
+    from fastai_memmap.store.save import save_memmap
     from fastai_memmap.errors import StoreWriteError
     x = np.arange(40000, dtype=np.float64).reshape(-1, 100)
     cases = {"one big batch": dict(batch_rows=400), "small buffered batches": dict(batch_rows=1),

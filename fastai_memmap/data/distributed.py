@@ -22,7 +22,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Sampler
 
 from ..errors import ArgumentError
-from .sampling import BlockShuffle, _check_rank, _int, _rank_slice, use_sampler
+from ..arguments import check_int, check_rank
+from .sampling import BlockShuffle, rank_slice, use_sampler
 
 __all__ = ["RankSliceSampler", "MemmapDistributedTrainer", "to_memmap_distributed", "BLOCK_OPTIONS"]
 
@@ -33,8 +34,8 @@ class RankSliceSampler(Sampler):
     "Positions ``0 .. n-1`` in order, cut into `num_replicas` contiguous parts: this rank's part."
 
     def __init__(self, n: int, num_replicas: int, rank: int):
-        _check_rank(num_replicas, rank)
-        self.part = _rank_slice(_int("n", n, 0), int(num_replicas), int(rank))
+        check_rank(num_replicas, rank)
+        self.part = rank_slice(check_int("n", n, 0), int(num_replicas), int(rank))
 
     def __len__(self) -> int:
         return self.part.stop - self.part.start

@@ -16,7 +16,7 @@ from ..errors import ArgumentError, ItemShapeError, LossyCastError, ShardMismatc
 from ..store.format import describe
 from .items import MemmapItem, MemmapItemList, register_list_class
 from .padding import PAD_OUTPUTS, RaggedDataBunch, batch_dtype, check_pad_value, pad_ragged
-from ..store.ragged import _ragged_shape
+from ..store.ragged import ragged_shape
 
 __all__ = ["RaggedItem", "RaggedProcessor", "RaggedItemList", "item_array", "item_tensor", "lossless",
            "register_one_item"]
@@ -85,7 +85,7 @@ class RaggedProcessor(PreProcessor):
             return _ONE_ITEM[self.kind](self, item)
         a = item_array(item)
         if self.shape is not None and (a.ndim != len(self.shape) + 1 or a.shape[1:] != self.shape):
-            raise ItemShapeError(f"predict: expected an item of shape {_ragged_shape(self.shape)} (? = any length), "
+            raise ItemShapeError(f"predict: expected an item of shape {ragged_shape(self.shape)} (? = any length), "
                                  f"found {a.shape}")
         return RaggedItem(item_tensor(lossless(a, np.dtype(self.dtype), "predict") if self.dtype else a))
 

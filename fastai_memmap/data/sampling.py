@@ -52,7 +52,7 @@ QUEUED_BLOCKS = 8               # blocks read ahead under memory pressure (cgrou
 MAX_WINDOW_LOOP = 4096          # up to this many windows, each is permuted on its own (faster than one argsort)
 
 
-def _rank_slice(n: int, num_replicas: int, rank: int) -> slice:
+def rank_slice(n: int, num_replicas: int, rank: int) -> slice:
     "Rank `rank`'s contiguous part of `n` positions: the first ``n % num_replicas`` ranks get one more."
     q, r = divmod(n, num_replicas)
     start = rank * q + min(rank, r)
@@ -137,7 +137,7 @@ def _plan(n, block_rows, window_blocks, seed, epoch, num_replicas, rank, keys, b
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     base = _base_order(n, keys) if base is None else base
     order, window = _block_plan(n, block_rows, window_blocks, seed, epoch, base)
-    part = _rank_slice(n, num_replicas, rank)
+    part = rank_slice(n, num_replicas, rank)
     return order[part], window[part]
 
 
@@ -210,7 +210,7 @@ class BlockShuffleSampler(Sampler):
         return self._cached[1:]
 
     def __len__(self) -> int:
-        part = _rank_slice(self.n, self.num_replicas, self.rank)
+        part = rank_slice(self.n, self.num_replicas, self.rank)
         return part.stop - part.start
 
     def __iter__(self) -> Iterator[int]:

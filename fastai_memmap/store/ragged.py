@@ -185,7 +185,7 @@ class RaggedArray:
     def _open(cls, path: Path, m: Manifest, max_open: int = DEFAULT_MAX_OPEN,
               validate: str = "offsets") -> "RaggedArray":
         "Open the parts of the ragged store at `path` whose validated manifest is `m` (``MemmapArray.open`` calls this)."
-        _check_validate(validate)
+        check_validate(validate)
         elements_m, offsets_m = _part_manifests(m, m.dtype, m.item_shape)
         per_part = max(1, max_open // 2)
         a = cls(path, m, open_part(path, elements_m, per_part), open_part(path, offsets_m, per_part))
@@ -240,7 +240,7 @@ class RaggedArray:
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({str(self.path)!r}, {len(self)} items of "
-                f"{_ragged_shape(self.trailing_shape)} {self.dtype.name}, {self.nelements} elements, "
+                f"{ragged_shape(self.trailing_shape)} {self.dtype.name}, {self.nelements} elements, "
                 f"{len(self.manifest.shards)} shard(s))")
 
     # ---------------------------------------------------------------- pickling and maps
@@ -386,12 +386,12 @@ class RaggedArray:
         return report
 
 
-def _ragged_shape(trailing: Tuple[int, ...]) -> str:
+def ragged_shape(trailing: Tuple[int, ...]) -> str:
     "``(?, 3)``: the shape of a ragged item, ``?`` for its variable first axis."
     return "(" + ", ".join(["?"] + [str(t) for t in trailing]) + ("," if not trailing else "") + ")"
 
 
-def _check_validate(validate: str) -> None:
+def check_validate(validate: str) -> None:
     if validate not in VALIDATE_MODES:
         raise ArgumentError(f"validate: expected one of {VALIDATE_MODES}, found {validate!r}")
 
@@ -516,7 +516,7 @@ class RaggedWriter(MemmapWriter):
         arrays = [np.asarray(a) for a in items]
         for j, a in enumerate(arrays):
             if a.ndim != len(self.item_shape) + 1 or a.shape[1:] != self.item_shape:
-                raise ItemShapeError(f"{self.path}: expected items of shape {_ragged_shape(self.item_shape)} "
+                raise ItemShapeError(f"{self.path}: expected items of shape {ragged_shape(self.item_shape)} "
                                      f"(? = any length), found {a.shape}")
             arrays[j] = self._cast(a, self.dtype, self.item_shape, f"{self.path}: item {self.length + j}")
         lengths = np.array([len(a) for a in arrays], np.int64)
@@ -586,7 +586,7 @@ class RaggedWriter(MemmapWriter):
             if take == 0 or sh.rows >= self.shard_rows or (eb and sh.length * eb >= self.shard_bytes):
                 self._finish_shard()
         if self._pbar is not None:
-            self._pbar.update(min(self.rows, self.total))
+            self._pbar.update(self.rows)
 
     # ---------------------------------------------------------------- shards and manifest
     def _new_shard(self) -> None:

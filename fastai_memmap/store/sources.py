@@ -195,7 +195,7 @@ def _json_lines(path: Path) -> Iterator[dict]:
             yield r
 
 
-def _count_rows(source: Any, file_format: Optional[str]) -> Optional[int]:
+def count_rows(source: Any, file_format: Optional[str]) -> Optional[int]:
     "Number of rows for the progress bar, when cheap to know (lines of a file are counted, not parsed)."
     if isinstance(source, pd.DataFrame):
         return len(source)

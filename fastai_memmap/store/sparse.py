@@ -14,7 +14,7 @@ import numpy as np
 
 from ..errors import ArgumentError, ItemShapeError, OffsetsError, ShardMismatchError, SparseIndexError
 from .format import Manifest, ShardInfo, check_dtype
-from .ragged import (OFFSETS_CHECK_CHUNK, RaggedArray, RaggedWriter, _check_validate, norm_rows, open_part)
+from .ragged import (OFFSETS_CHECK_CHUNK, RaggedArray, RaggedWriter, check_validate, norm_rows, open_part)
 from .reader import ACCESS_HINTS, DEFAULT_MAX_OPEN, MemmapArray, check_verified
 from .kinds import register_kind
 from .writer import DEFAULT_SHARD_BYTES
@@ -130,7 +130,7 @@ class SparseArray:
     @classmethod
     def _open(cls, path: Path, m: Manifest, max_open: int = DEFAULT_MAX_OPEN, validate: str = "offsets") -> "SparseArray":
         "Open the parts of the sparse store at `path` whose validated manifest is `m` (``MemmapArray.open`` calls this)."
-        _check_validate(validate)
+        check_validate(validate)
         parts = 3 if m.has_values else 2
         pattern_m = Manifest(dtype=m.index_dtype, item_shape=(), meta={}, kind="ragged", shards=tuple(
             ShardInfo(s.file, s.rows, s.checksum, s.offsets, s.offsets_checksum, s.length) for s in m.shards))

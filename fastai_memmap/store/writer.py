@@ -280,8 +280,8 @@ class MemmapWriter:
                 self._new_shard()
             if self._f is not None:
                 self._finish_shard()
-            _write_fsync(self._tmp / MANIFEST_NAME, encode_manifest(self._manifest(), str(self.path)))
-            _fsync_dir(self._tmp)
+            write_fsync(self._tmp / MANIFEST_NAME, encode_manifest(self._manifest(), str(self.path)))
+            fsync_dir(self._tmp)
             self._validate_staged()
         finally:
             if self._pbar is not None:
@@ -392,7 +392,7 @@ def os_error(e: OSError, path: Path, doing: str) -> StoreIOError:
     return StoreIOError(e.errno, f"{path}: {doing} failed: {cause} ({e})")
 
 
-def _stem(name: str) -> str:
+def staging_stem(name: str) -> str:
     "`name`, or for a very long one a shortened form + hash: temporaries and locks must fit in NAME_MAX too."
     if len(os.fsencode(name)) <= STEM_MAX:
         return name
@@ -474,7 +474,7 @@ def _begin_staging(target: Path, overwrite: bool, is_store: Optional[Any]) -> Tu
     parent = target.parent
     if not parent.is_dir():
         raise StoreNotFoundError(f"{target}: parent directory {parent} does not exist")
-    lock = _take_lock(parent / f".{_stem(target.name)}.lock", target)
+    lock = _take_lock(parent / f".{staging_stem(target.name)}.lock", target)
     try:
         _clean_stale(parent, target.name)   # may put back a store whose replacement was interrupted
         if target.exists() or target.is_symlink():
@@ -482,7 +482,7 @@ def _begin_staging(target: Path, overwrite: bool, is_store: Optional[Any]) -> Tu
                 what = "a symlink" if target.is_symlink() else ("a store" if target.is_dir() else "a file")
                 raise StoreExistsError(f"{target}: {what} exists already; pass overwrite=True to replace a store")
             check_replaceable(target, is_store)
-        tmp = parent / f".{_stem(target.name)}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp = parent / f".{staging_stem(target.name)}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
     except BaseException:
         os.close(lock)
@@ -509,22 +509,22 @@ def _swap_in(tmp: Path, target: Path, overwrite: bool, is_store: Optional[Any]) 
     target), to delete once all is done, and how it was done (``"new"``, ``"exchange"``, ``"rename"``)."""
     if not (target.exists() or target.is_symlink()):
         os.rename(tmp, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
         return None, "new"
     if not overwrite:
         raise StoreExistsError(f"{target}: appeared while writing; not replaced (overwrite=False)")
     check_replaceable(target, is_store)
     if _try_exchange(tmp, target):   # one atomic step: the old store is now at tmp
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
         return tmp, "exchange"
-    old = target.parent / f".{_stem(target.name)}{OLD_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    old = target.parent / f".{staging_stem(target.name)}{OLD_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     os.rename(target, old)
     try:
         os.rename(tmp, target)
     except OSError:
         os.rename(old, target)   # put the previous store back: the target must be unchanged
         raise
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
     return old, "rename"
 
 
@@ -536,7 +536,7 @@ def _swap_back(tmp: Path, target: Path, old: Optional[Path], how: str) -> None:
         os.rename(target, tmp)
         if how == "rename":
             os.rename(old, target)
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
 
 
 def commit_group(staged: Sequence[Tuple[Path, Path]], overwrite: Sequence[bool]) -> None:
@@ -592,7 +592,7 @@ def _clean_stale(parent: Path, name: str) -> None:
     If the target is missing and exactly one complete replaced store (``.NAME.fmold-*``) is left, a
     writer died between the two renames of a fallback replace: that previous store is put back.
     """
-    stem = _stem(name)
+    stem = staging_stem(name)
     stale = [p for p in parent.glob(f".{glob.escape(stem)}.fm*-*")
              if p.name.startswith(f".{stem}{TMP_MARK}") or p.name.startswith(f".{stem}{OLD_MARK}")]
     old = [p for p in stale if OLD_MARK in p.name and (p / MANIFEST_NAME).is_file()]
@@ -639,14 +639,14 @@ def _remove(p: Path) -> None:
         p.unlink(missing_ok=True)
 
 
-def _write_fsync(path: Path, data: bytes) -> None:
+def write_fsync(path: Path, data: bytes) -> None:
     with open(path, "xb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)

@@ -48,14 +48,14 @@ from fastai.tabular.transform import Categorify, FillMissing, FillStrategy, Norm
 from ..errors import (ColumnNotFoundError, ColumnTypeError, ColumnValueError, SourceNotFoundError,  # noqa: E402,F401
                       TabularError)
 from ..store.progress import Progress  # noqa: E402
-from ..store.sources import DEFAULT_CHUNKSIZE, _count_rows, iter_frames  # noqa: E402
-from .streaming_stats import RADIX_BITS, _Moments, _medians, _Scratch  # noqa: E402,F401
-from .encoding import (EPS, _apply_lut, _check_columns, _ClassMap, _cont_matrix, _Vocab,  # noqa: E402,F401
+from ..store.sources import DEFAULT_CHUNKSIZE, count_rows, iter_frames  # noqa: E402
+from .streaming_stats import RADIX_BITS, Moments, medians, Scratch  # noqa: E402,F401
+from .encoding import (EPS, apply_lut, check_columns, ClassMap, cont_matrix, ColumnVocab,  # noqa: E402,F401
                        cat_maps, encode_conts, encode_frame)
-from .split import _Split  # noqa: E402
+from .split import Split  # noqa: E402
 from .state import (NA_CLASS, PROC_NAMES, STATE_NAME, TABULAR_FORMAT, TABULAR_VERSION,  # noqa: E402,F401
                     TabularState, read_tabular_json)
-from .writer import _Staging, _Writers  # noqa: E402
+from .writer import Staging, Writers  # noqa: E402
 
 __all__ = ["tabular_to_memmap", "TabularState", "iter_frames", "read_tabular_json", "TabularError",
            "ColumnNotFoundError", "ColumnTypeError", "ColumnValueError", "SourceNotFoundError",
@@ -180,7 +180,7 @@ def tabular_to_memmap(source: Any, out: Union[str, Path], cat_names: Optional[Se
     out = Path(out)
     if missing_y not in ("error", "keep"):
         raise TabularError(f"missing_y: expected 'error' or 'keep', found {missing_y!r}")
-    split = _Split(valid_idx, valid_pct, valid_col, seed)
+    split = Split(valid_idx, valid_pct, valid_col, seed)
     if state is not None:
         state = _load_state(state)
         for what, given, fitted in (("cat_names", cat_names, state.cat_names), ("cont_names", cont_names, state.cont_names)):
@@ -191,9 +191,9 @@ def tabular_to_memmap(source: Any, out: Union[str, Path], cat_names: Optional[Se
         job = _Fit(_names(cat_names, "cat_names"), _names(cont_names, "cont_names"), _names(y_names, "y_names"),
                    _parse_procs(procs), y_kind, split, chunksize)
     job.missing_y, job.source = missing_y, _source_name(source)
-    total = total if total is not None else (_count_rows(source, file_format) if progress else None)
+    total = total if total is not None else (count_rows(source, file_format) if progress else None)
     frames = iter_frames(source, chunksize, file_format, read_kwargs, job.columns)
-    with _Staging(out, overwrite) as stage:
+    with Staging(out, overwrite) as stage:
         rows, st = job.run(frames, stage.dir, Progress(total, progress))
         stage.commit({"format": TABULAR_FORMAT, "version": TABULAR_VERSION, "rows": rows,
                       "n_valid": job.n_valid, "split": split.doc, "state": st.to_dict()})
@@ -232,7 +232,7 @@ class _Apply:
     "One pass: encode every chunk with an already fitted state (test sets)."
     missing_y, source = "error", "source"     # set by tabular_to_memmap
 
-    def __init__(self, state: TabularState, y_names: Tuple[str, ...], split: _Split):
+    def __init__(self, state: TabularState, y_names: Tuple[str, ...], split: Split):
         if y_names and y_names != state.y_names:
             raise TabularError(f"y_names: expected the fitted targets {list(state.y_names)} or None, found {list(y_names)}")
         if y_names and state.y_kind is None:
@@ -242,8 +242,8 @@ class _Apply:
 
     def run(self, frames: Iterator[pd.DataFrame], folder: Path, bar: Progress) -> Tuple[int, TabularState]:
         st, maps, start = self.state, cat_maps(self.state), 0
-        ymap = _ClassMap(st.y_names[0], st.y_classes, 0, -1) if self.y_names and st.y_kind == "category" else None
-        with _Writers(folder) as w:
+        ymap = ClassMap(st.y_names[0], st.y_classes, 0, -1) if self.y_names and st.y_kind == "category" else None
+        with Writers(folder) as w:
             w.open_x(st)
             if self.y_names:
                 w.open_y(st.y_names, st.y_kind, st.y_classes)
@@ -251,7 +251,7 @@ class _Apply:
                 w.open_valid()
             for df in frames:
                 where = f"rows {start}..{start + len(df) - 1}: "
-                _check_columns(df, self.columns, where.rstrip(": "))
+                check_columns(df, self.columns, where.rstrip(": "))
                 cats, conts = encode_frame(df, st, maps, where, start)
                 w.cats.append(cats)
                 w.conts.append(conts)
@@ -268,7 +268,7 @@ class _Apply:
 
 
 def _y_floats(df: pd.DataFrame, names: Sequence[str], where: str, start: int) -> np.ndarray:
-    a = _cont_matrix(df, names, where, start)
+    a = cont_matrix(df, names, where, start)
     with np.errstate(over="ignore"):
         a32 = a.astype(np.float32)
     over = np.isinf(a32)
@@ -286,7 +286,7 @@ class _Fit:
     (medians by radix selection, then means and stds) and pass 2 turns the staged rows into the final stores."""
     missing_y, source = "error", "source"     # set by tabular_to_memmap
 
-    def __init__(self, cat_names, cont_names, y_names, opts, y_kind, split: _Split, chunksize: int):
+    def __init__(self, cat_names, cont_names, y_names, opts, y_kind, split: Split, chunksize: int):
         if not cat_names and not cont_names:
             raise TabularError("expected at least one column in cat_names or cont_names, found none")
         if cat_names and "Categorify" not in opts["procs"]:
@@ -300,8 +300,8 @@ class _Fit:
         self.y_kind, self.split, self.chunksize = y_kind, split, chunksize
         self.columns = list(dict.fromkeys(cat_names + cont_names + y_names + ((split.col,) if split.col else ())))
         k = len(cont_names)
-        self.vocabs = [_Vocab(c) for c in cat_names]
-        self.yvocab = _Vocab(y_names[0]) if y_names else None
+        self.vocabs = [ColumnVocab(c) for c in cat_names]
+        self.yvocab = ColumnVocab(y_names[0]) if y_names else None
         self.n_train = 0
         self.nulls = {"train": np.zeros(k, np.int64), "valid": np.zeros(k, np.int64)}
         self.n_valid = 0
@@ -310,9 +310,9 @@ class _Fit:
     def run(self, frames: Iterator[pd.DataFrame], folder: Path, bar: Progress) -> Tuple[int, TabularState]:
         layout = {"cats": (np.int64, len(self.cat_names)), "conts": (np.float64, len(self.cont_names)),
                   "y": (np.int64, None), "train": (np.bool_, None)}
-        scratch = _Scratch(folder, layout)
+        scratch = Scratch(folder, layout)
         try:
-            with _Writers(folder) as w:
+            with Writers(folder) as w:
                 if self.split.given:
                     w.open_valid()
                 start = 0
@@ -329,15 +329,15 @@ class _Fit:
             scratch.close()
         return start, st
 
-    def _chunk(self, df: pd.DataFrame, start: int, scratch: _Scratch, w: _Writers) -> None:
+    def _chunk(self, df: pd.DataFrame, start: int, scratch: Scratch, w: Writers) -> None:
         where = f"rows {start}..{start + len(df) - 1}"
-        _check_columns(df, self.columns, where)
+        check_columns(df, self.columns, where)
         valid = self.split.mask(df, start)
         train = ~valid
         cats = np.empty((len(df), len(self.cat_names)), np.int64)
         for j, v in enumerate(self.vocabs):
             cats[:, j] = v.encode(df[v.name], train)
-        raw = _cont_matrix(df, self.cont_names, f"{self.source}: {where}: ", start)
+        raw = cont_matrix(df, self.cont_names, f"{self.source}: {where}: ", start)
         miss = np.isnan(raw)
         self.nulls["train"] += miss[train].sum(0)
         self.nulls["valid"] += miss[valid].sum(0)
@@ -346,7 +346,7 @@ class _Fit:
         scratch.append(len(df), cats=cats, conts=raw, y=y, train=train)
         self.n_valid += w.add_valid(self.split, df, start, valid)
 
-    def _y_chunk(self, df: pd.DataFrame, train: np.ndarray, w: _Writers, start: int) -> np.ndarray:
+    def _y_chunk(self, df: pd.DataFrame, train: np.ndarray, w: Writers, start: int) -> np.ndarray:
         if not self.y_names:
             return np.zeros(0, np.int64)
         _check_y(df, self.y_names, start, self)
@@ -361,7 +361,7 @@ class _Fit:
         return self.yvocab.encode(df[self.y_names[0]], train)
 
     # -------------------------------------------------------------- fit
-    def _fit(self, scratch: _Scratch) -> Tuple[TabularState, Dict[str, Any]]:
+    def _fit(self, scratch: Scratch) -> Tuple[TabularState, Dict[str, Any]]:
         if self.n_train == 0:
             raise ColumnValueError(f"{self.source}: expected training rows to fit the state on, found none ({scratch.rows} "
                                    f"row(s), {self.n_valid} of them validation); classes, fill values, means and stds "
@@ -388,7 +388,7 @@ class _Fit:
         st._validate("fitted state")
         return st, luts
 
-    def _fill_values(self, scratch: _Scratch) -> Dict[str, float]:
+    def _fill_values(self, scratch: Scratch) -> Dict[str, float]:
         if "FillMissing" not in self.opts["procs"]:
             return {}
         need = [j for j, c in enumerate(self.cont_names) if self.nulls["train"][j] > 0]
@@ -403,7 +403,7 @@ class _Fit:
         if empty:
             raise ColumnValueError(f"column(s) {empty}: every training value is missing, the median is undefined; "
                                    "drop them from cont_names or use FillStrategy.CONSTANT")
-        med = _medians(scratch, {j: self._values(j) for j in need}, max(self.chunksize, MIN_SELECT_BUDGET),
+        med = medians(scratch, {j: self._values(j) for j in need}, max(self.chunksize, MIN_SELECT_BUDGET),
                       STATS_BLOCK_ROWS)
         return {self.cont_names[j]: med[j] for j in need}
 
@@ -411,11 +411,11 @@ class _Fit:
         "Non-missing training values of continuous column `j`."
         return self.n_train - int(self.nulls["train"][j])
 
-    def _norm_stats(self, scratch: _Scratch, fills: Dict[str, float]) -> Tuple[Dict[str, float], Dict[str, float]]:
+    def _norm_stats(self, scratch: Scratch, fills: Dict[str, float]) -> Tuple[Dict[str, float], Dict[str, float]]:
         "Means and stds (ddof=1) of the training values, filled first as fastai's FillMissing does."
         if "Normalize" not in self.opts["procs"]:
             return {}, {}
-        mom = _Moments(len(self.cont_names))
+        mom = Moments(len(self.cont_names))
         fill = np.array([fills.get(c, np.nan) for c in self.cont_names])
         with np.errstate(over="ignore", invalid="ignore"):   # overflow is refused below, with the column named
             for raw, train in scratch.chunks(("conts", "train"), STATS_BLOCK_ROWS):
@@ -437,7 +437,7 @@ class _Fit:
         return means, stds
 
     # -------------------------------------------------------------- pass 2
-    def _write(self, scratch: _Scratch, st: TabularState, luts: Dict[str, Any], w: _Writers, progress: bool) -> None:
+    def _write(self, scratch: Scratch, st: TabularState, luts: Dict[str, Any], w: Writers, progress: bool) -> None:
         w.open_x(st)
         cat_y = self.y_kind == "category"
         if cat_y:
@@ -445,12 +445,12 @@ class _Fit:
         bar, done = Progress(scratch.rows, progress, "writing"), 0
         for cats, raw, *y in scratch.chunks(("cats", "conts") + (("y",) if cat_y else ()), self.chunksize):
             for j, c in enumerate(self.cat_names):
-                cats[:, j] = _apply_lut(cats[:, j], luts[c], 0)
+                cats[:, j] = apply_lut(cats[:, j], luts[c], 0)
             na, conts = encode_conts(raw, st)
             w.cats.append(np.concatenate([cats, na], 1))
             w.conts.append(conts)
             if cat_y:
-                w.y.append(_apply_lut(y[0], luts["__y__"], -1))
+                w.y.append(apply_lut(y[0], luts["__y__"], -1))
             done += len(raw)
             bar.update(done)
         bar.close()

@@ -44,7 +44,7 @@ def _factorize(s: pd.Series, name: str) -> Tuple[np.ndarray, List[Any]]:
     return codes.astype(np.int64, copy=False), [_native(u, name) for u in uniques]
 
 
-def _apply_lut(codes: np.ndarray, lut: np.ndarray, missing: int) -> np.ndarray:
+def apply_lut(codes: np.ndarray, lut: np.ndarray, missing: int) -> np.ndarray:
     out = np.full(len(codes), missing, np.int64)
     ok = codes >= 0
     out[ok] = lut[codes[ok]]
@@ -67,7 +67,7 @@ def _cont_column(s: pd.Series, name: str) -> np.ndarray:
                           f"{found}; fix the data, or list {name!r} in cat_names")
 
 
-def _cont_matrix(df: pd.DataFrame, names: Sequence[str], where: str = "", start: int = 0) -> np.ndarray:
+def cont_matrix(df: pd.DataFrame, names: Sequence[str], where: str = "", start: int = 0) -> np.ndarray:
     """float64 ``(len(df), len(names))`` of continuous columns, NaN for missing values.
 
     Raises ``ColumnTypeError`` (text...) and ``ColumnValueError`` for ``inf``/``-inf``: no statistic nor
@@ -84,13 +84,13 @@ def _cont_matrix(df: pd.DataFrame, names: Sequence[str], where: str = "", start:
     return out
 
 
-def _check_columns(df: pd.DataFrame, names: Sequence[str], where: str) -> None:
+def check_columns(df: pd.DataFrame, names: Sequence[str], where: str) -> None:
     missing = [c for c in names if c not in df.columns]
     if missing:
         raise ColumnNotFoundError(f"{where}: expected column(s) {missing}, found columns {list(df.columns)[:20]}")
 
 
-class _Vocab:
+class ColumnVocab:
     "Distinct values of one categorical column numbered in order of appearance (provisional codes)."
 
     def __init__(self, name: str):
@@ -110,7 +110,7 @@ class _Vocab:
                 self.values.append(v)
                 self.in_train.append(False)
             lut[i] = j
-        prov = _apply_lut(codes, lut, -1)
+        prov = apply_lut(codes, lut, -1)
         for j in np.unique(prov[train & (prov >= 0)]):
             self.in_train[j] = True
         return prov
@@ -134,7 +134,7 @@ class _Vocab:
         return (NA_CLASS, *vals), np.array([code.get(v, 0) for v in self.values], np.int64)
 
 
-class _ClassMap:
+class ClassMap:
     "Encodes values with fitted classes: `unknown` for missing or unseen values, type checked."
 
     def __init__(self, name: str, values: Sequence[Any], start: int, unknown: int):
@@ -145,7 +145,7 @@ class _ClassMap:
     def encode(self, s: pd.Series) -> np.ndarray:
         codes, uniques = _factorize(s, self.name)
         lut = np.array([self._code(v) for v in uniques], np.int64)
-        return _apply_lut(codes, lut, self.unknown)
+        return apply_lut(codes, lut, self.unknown)
 
     def _code(self, v: Any) -> int:
         if self.kind is not None and _kind(v) != self.kind:
@@ -198,7 +198,7 @@ def encode_conts(raw: np.ndarray, state: TabularState, where: str = "") -> Tuple
     return na, out
 
 
-def encode_frame(df: pd.DataFrame, state: TabularState, maps: Optional[List["_ClassMap"]] = None,
+def encode_frame(df: pd.DataFrame, state: TabularState, maps: Optional[List["ClassMap"]] = None,
                  where: str = "", start: int = 0) -> Tuple[np.ndarray, np.ndarray]:
     """Encode raw rows with a fitted `state`: ``(cats, conts)``, int64 ``(n, n_cat)`` and float32 ``(n, n_cont)``.
 
@@ -206,15 +206,15 @@ def encode_frame(df: pd.DataFrame, state: TabularState, maps: Optional[List["_Cl
     row (for messages). Raises ``ColumnNotFoundError``, ``ColumnTypeError``, ``ColumnValueError``
     (``inf``, a value overflowing float32, a missing value FillMissing has no fill value for).
     """
-    _check_columns(df, state.cat_names + state.cont_names, where.rstrip(": ") or "rows")
+    check_columns(df, state.cat_names + state.cont_names, where.rstrip(": ") or "rows")
     maps = maps if maps is not None else cat_maps(state)
     cats = np.empty((len(df), len(state.cat_names)), np.int64)
     for j, (c, m) in enumerate(zip(state.cat_names, maps)):
         cats[:, j] = m.encode(df[c])
-    na, conts = encode_conts(_cont_matrix(df, state.cont_names, where, start), state, where)
+    na, conts = encode_conts(cont_matrix(df, state.cont_names, where, start), state, where)
     return np.concatenate([cats, na], 1), conts
 
 
-def cat_maps(state: TabularState) -> List[_ClassMap]:
+def cat_maps(state: TabularState) -> List[ClassMap]:
     "One value -> code map per source categorical column of `state` (0 for unknown)."
-    return [_ClassMap(c, state.classes[c][1:], 1, 0) for c in state.cat_names]
+    return [ClassMap(c, state.classes[c][1:], 1, 0) for c in state.cat_names]

@@ -16,7 +16,7 @@ from ..errors import ColumnTypeError, TabularError
 __all__: list = []           # internal to the tabular converter
 
 
-class _Split:
+class Split:
     "Which rows are validation rows (excluded from fitting), decided chunk by chunk."
 
     def __init__(self, valid_idx: Any, valid_pct: Optional[float], valid_col: Optional[str], seed: Optional[int]):

@@ -1,11 +1,11 @@
 """Statistics of columns too big for RAM, computed from values staged on disk and re-read in blocks.
 
-- `_Scratch`: raw columns appended chunk by chunk to plain files, re-read in blocks of rows (no mmap,
+- `Scratch`: raw columns appended chunk by chunk to plain files, re-read in blocks of rows (no mmap,
   so RSS stays flat).
-- `_Moments`: count, mean and sum of squared deviations (ddof=1 std) merged block by block in float64
+- `Moments`: count, mean and sum of squared deviations (ddof=1 std) merged block by block in float64
   (Chan, Golub, LeVeque); with fixed blocks the result does not depend on how the source was chunked
   and agrees with pandas to about 1e-15 relative.
-- `_medians`: the *exact* median (pandas' definition: mean of the two middle values for an even count).
+- `medians`: the *exact* median (pandas' definition: mean of the two middle values for an even count).
   Floats map to order-preserving uint64 keys (`_float_keys`); `_RankSelector` finds a rank by radix
   selection, `RADIX_BITS` bits of the key a pass, until the keys sharing the fixed prefix fit the RAM
   budget; one last pass collects them and ``np.partition`` finishes. Typically 1 or 2 extra reads.
@@ -24,7 +24,7 @@ RADIX_BITS = 16              # bits of a float64 key resolved per selection pass
 _SIGN = np.uint64(1 << 63)
 
 
-class _Moments:
+class Moments:
     "Count, mean and sum of squared deviations per column, merged chunk by chunk (Chan, Golub, LeVeque)."
 
     def __init__(self, k: int):
@@ -105,7 +105,7 @@ class _RankSelector:
 
 
 # ------------------------------------------------------------------------------------------ staging
-class _Scratch:
+class Scratch:
     "Raw columns of the first pass in plain files, appended per chunk and re-read in row chunks (no mmap: RSS stays flat)."
 
     def __init__(self, folder: Path, layout: Dict[str, Tuple[Any, Optional[int]]]):
@@ -143,7 +143,7 @@ class _Scratch:
             os.unlink(f.name)
 
 
-def _medians(scratch: _Scratch, counts: Dict[int, int], budget: int, block_rows: int) -> Dict[int, float]:
+def medians(scratch: Scratch, counts: Dict[int, int], budget: int, block_rows: int) -> Dict[int, float]:
     """Exact medians (pandas' definition) of the non-NaN training values of staged columns `counts` (col -> n).
 
     Reads ``conts`` and ``train`` of `scratch` `block_rows` rows at a time; keeps at most `budget` keys

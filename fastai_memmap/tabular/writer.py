@@ -15,9 +15,9 @@ import numpy as np
 import pandas as pd
 
 from ..errors import TabularError
-from .split import _Split
+from .split import Split
 from .state import STATE_NAME, TabularState, read_tabular_json
-from ..store.writer import MemmapWriter, begin_staging, commit_staging, _fsync_dir, _write_fsync
+from ..store.writer import MemmapWriter, begin_staging, commit_staging, fsync_dir, write_fsync
 
 __all__: list = []           # internal to the tabular converter
 
@@ -27,7 +27,7 @@ def _is_tabular_store(path: Path) -> None:
     read_tabular_json(path)
 
 
-class _Staging:
+class Staging:
     "The hidden directory a tabular store is built in, renamed to `out` on success, removed on failure."
 
     def __init__(self, out: Path, overwrite: bool):
@@ -35,7 +35,7 @@ class _Staging:
         self.dir: Optional[Path] = None
         self._lock = None
 
-    def __enter__(self) -> "_Staging":
+    def __enter__(self) -> "Staging":
         self._lock, self.dir = begin_staging(self.out, self.overwrite, is_store=_is_tabular_store)
         return self
 
@@ -46,8 +46,8 @@ class _Staging:
             raise TabularError(f"{self.out}: state not representable as JSON ({e})") from None
         for lock in self.dir.glob(".*.lock"):     # the sub-stores' writer locks: private to the staging dir
             lock.unlink()
-        _write_fsync(self.dir / STATE_NAME, text.encode("utf8"))
-        _fsync_dir(self.dir)
+        write_fsync(self.dir / STATE_NAME, text.encode("utf8"))
+        fsync_dir(self.dir)
         commit_staging(self.dir, self.out, self.overwrite, is_store=_is_tabular_store)
         self.dir = None
 
@@ -62,14 +62,14 @@ class _Staging:
             self._lock = None
 
 
-class _Writers:
+class Writers:
     "The final sub-stores of a tabular store, written in the staging directory; a context manager."
 
     def __init__(self, folder: Path):
         self.folder, self.stack = folder, ExitStack()
         self.cats = self.conts = self.y = self.valid = None
 
-    def __enter__(self) -> "_Writers":
+    def __enter__(self) -> "Writers":
         return self
 
     def __exit__(self, *exc) -> None:
@@ -91,7 +91,7 @@ class _Writers:
     def open_valid(self) -> None:
         self.valid = self._open("valid", np.int64, (), {})
 
-    def add_valid(self, split: _Split, df: pd.DataFrame, start: int, valid: Optional[np.ndarray] = None) -> int:
+    def add_valid(self, split: Split, df: pd.DataFrame, start: int, valid: Optional[np.ndarray] = None) -> int:
         "Append the validation rows of a chunk; returns how many."
         if self.valid is None:
             return 0

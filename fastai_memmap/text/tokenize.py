@@ -51,8 +51,8 @@ import pandas as pd
 from ..errors import (ArgumentError, ArgumentTypeError, ColumnNotFoundError, FormatError, SourceNotFoundError)
 from ..store.ragged import RaggedArray, RaggedWriter
 from ..store.progress import Progress
-from ..store.sources import _count_rows, iter_frames
-from ..store.writer import TMP_MARK, _stem, check_no_overlap
+from ..store.sources import count_rows, iter_frames
+from ..store.writer import TMP_MARK, staging_stem, check_no_overlap
 
 __all__ = ["texts_to_memmap", "TokenizedCorpus", "list_text_files", "tokenizer_meta", "tokenizer_from_meta",
            "TextTokenizer", "CHUNK_DOCS", "TEXT_EXTENSIONS"]
@@ -251,7 +251,7 @@ def _plan(source: Any, column: Any, extensions: Sequence[str], chunk_docs: int, 
             raise SourceNotFoundError(f"{source}: expected a folder of text files or a CSV/JSON-lines file, found nothing")
         if columns is None:
             raise ArgumentError(f"{_name(source)}: expected column= naming the text column(s) of a table, found None")
-        total = _count_rows(source, file_format)
+        total = count_rows(source, file_format)
         inputs = [Path(source)] if isinstance(source, (str, os.PathLike)) else []
         return (("texts", v) for v in _column_chunks(source, columns, chunk_docs, read_kwargs, file_format)), total, inputs
     if isinstance(source, (bytes, dict)) or not isinstance(source, Iterable):
@@ -528,7 +528,7 @@ def _write_fixed(chunks: Iterator[_Chunk], stoi: Dict[str, int], w: RaggedWriter
 def _write_two_pass(chunks: Iterator[_Chunk], w: RaggedWriter, bar: Progress, max_vocab: int, min_freq: int,
                     special: Sequence[str]) -> Tuple[List[str], int, int]:
     "First pass into a provisional store next to the target (under its lock), then the remap into `w`."
-    tmp = w.path.parent / f".{_stem(w.path.name)}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = w.path.parent / f".{staging_stem(w.path.name)}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         builder, rows, tokens = _VocabBuilder(), 0, 0

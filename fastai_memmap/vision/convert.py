@@ -206,7 +206,7 @@ def _shapes_task(paths: Sequence[str], spec: Optional[DecodeSpec] = None):
     return out, errors
 
 
-def _decode_into_task(job, spec: Optional[DecodeSpec] = None):
+def decode_into_task(job, spec: Optional[DecodeSpec] = None):
     "Decode a chunk into the buffer file: `job` is ``(file, offsets, shapes, paths)``; returns errors."
     spec = spec or _WORKER_SPEC
     file, offsets, shapes, paths = job

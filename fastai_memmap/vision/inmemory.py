@@ -46,7 +46,7 @@ from fastai.vision.image import Image, ImageSegment, pil2tensor
 from ..data.batching import FastLabelList, MemmapImageDataBunch
 
 from .convert import (IMAGE_STORE_TAG, DecodeSpec, ImageReadError, SizeArg, check_meta_size, chunk_bounds,
-                      n_workers, plan_shapes, relative_key, run_chunks, _decode_into_task)
+                      n_workers, plan_shapes, relative_key, run_chunks, decode_into_task)
 from ..errors import (ArgumentError, ArgumentTypeError, FormatError, MemoryBudgetError, StoreIOError, StoreNotFoundError,
                       StoreWriteError, WriterConflictError)
 from ..store.reader import MemmapArray
@@ -625,7 +625,7 @@ def _decode(keys: np.ndarray, spec: DecodeSpec, old: Optional[PixelBuffer], work
         bounds = chunk_bounds(len(todo), w)
         jobs = [(str(buf.shared.path), off[todo[a:b]], shapes[todo[a:b]], [paths[i] for i in todo[a:b]])
                 for a, b in bounds]
-        for k, errors in run_chunks(_decode_into_task, jobs, spec, w, progress, label="decoding"):
+        for k, errors in run_chunks(decode_into_task, jobs, spec, w, progress, label="decoding"):
             for i, msg in errors:
                 raise ImageReadError(f"{jobs[k][3][i]}: cannot read image ({msg}); {fix}")
     except BaseException:
