@@ -271,6 +271,18 @@ def test_explicit_workers_on_the_fast_path_warn(stores):
         lls.databunch(bs=16, num_workers=0)
 
 
+def test_default_workers_are_auto_and_silent(stores):
+    "fastai's databunch passes num_workers=defaults.cpus when the user wrote none: that takes 'auto', silently."
+    path, _ = stores
+    lls = _split(MemmapItemList.from_memmap(path / "x")).label_from_memmap(path / "y")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # no WorkersSlowerWarning, no pin_memory warning on a CPU machine
+        data = lls.databunch(bs=16)
+        next(iter(data.train_dl))
+    assert data.train_dl.num_workers == 0 and isinstance(data.train_dl.dl, PrefetchDataLoader)
+    assert data.train_dl.dl.init_kwargs["pin_memory"] is torch.cuda.is_available()
+
+
 class _Failing(torch.utils.data.Dataset):
     def __len__(self):
         return 40

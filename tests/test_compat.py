@@ -180,8 +180,8 @@ def test_apply_twice_changes_nothing():
 
 
 def test_patches_are_recorded_and_documented():
-    expected = {"torch_load", "solve", "dataloader_kwargs", "ragged_array", "numpy_aliases", "pkg_resources_warn",
-                "ipython_display", "text_import_hook"}
+    expected = {"torch_load", "solve", "dataloader_kwargs", "default_workers", "ragged_array", "numpy_aliases",
+                "pkg_resources_warn", "ipython_display", "text_import_hook"}
     on_text_import = {"spacy3_tokenizer", "qrnn_inplace"}   # recorded once fastai.text is imported (issue 18)
     assert expected <= set(compat.PATCHES) <= expected | on_text_import
     for name, patch in compat.PATCHES.items():
@@ -279,8 +279,10 @@ def test_plain_dataloader_accepts_and_records_modern_kwargs():
     assert sorted(torch.cat(list(dl)).tolist()) == list(range(8))
     assert dl.init_kwargs["batch_size"] == 2 and dl.init_kwargs["generator"] is gen
     assert dl.init_kwargs["persistent_workers"] and dl.init_kwargs["prefetch_factor"] == 3
-    plain = DataLoader(range(4)).init_kwargs  # fastai's defaults are kept
-    assert plain["pin_memory"] is True and plain["collate_fn"] is default_collate and plain["shuffle"] is False
+    plain = DataLoader(range(4)).init_kwargs  # fastai's defaults are kept; pinned only for a CUDA device
+    assert plain["pin_memory"] is torch.cuda.is_available()
+    assert plain["collate_fn"] is default_collate and plain["shuffle"] is False
+    assert DataLoader(range(4), pin_memory=True).init_kwargs["pin_memory"] is True   # the user's value is kept
     with pytest.raises(TypeError, match="bogus"):
         DataLoader(range(4), bogus=1)
 

@@ -123,8 +123,14 @@ def test_bad_labels_are_refused(stores):
     il = MemmapItemList.from_memmap(path / "x")
     with pytest.raises(LabelError, match=r"expected class codes in \[0, 3\).*found codes from 0 to 7"):
         il.split_by_rand_pct(0.2, seed=0).label_from_memmap(path / "y_bad")
-    with pytest.raises(ItemShapeError, match=f"expected at least {N} label rows.*found {N - 1}"):
+    with pytest.raises(ItemShapeError, match=f"expected {N} label rows.*found {N - 1}; label row i"):
         il.split_by_rand_pct(0.2, seed=0).label_from_memmap(path / "y_short")
+    save_memmap(path / "y_long", np.arange(N + 5, dtype=np.int64) % 3, meta={"classes": ["a", "b", "c"]})
+    with pytest.raises(ItemShapeError, match=f"expected {N} label rows.*found {N + 5}.*allow_longer=True"):
+        il.split_by_rand_pct(0.2, seed=0).label_from_memmap(path / "y_long")
+    lls = il.split_by_rand_pct(0.2, seed=0).label_from_memmap(path / "y_long", allow_longer=True)
+    rows = np.asarray(lls.train.x.items)
+    assert [int(lls.train.y[i].data) for i in range(5)] == [int(r) % 3 for r in rows[:5]]   # row i labels row i
     with pytest.raises(ValueError, match="isn't split"):
         il.label_from_memmap(path / "y")
 

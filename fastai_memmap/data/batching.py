@@ -15,7 +15,9 @@ results. `MemmapDataBunch` / `MemmapImageDataBunch` install `memmap_collate` by 
   the training loader, for cold or larger-than-RAM stores, at the disk's bandwidth;
 - ``num_workers='auto'``: on the fast path no worker processes (they would copy every batch
   through shared memory, which costs more than reading it) but a background prefetch thread;
-  fastai's ``defaults.cpus`` workers when items need per-item work (``tfms``). An explicit
+  fastai's ``defaults.cpus`` workers when items need per-item work (``tfms``). It is the default:
+  a ``.databunch()`` without ``num_workers`` (fastai passes its ``defaults.cpus``, marked by
+  `fastai_memmap.data.compat.FastaiDefaultWorkers`) takes it silently. An explicit
   ``num_workers > 0`` on the fast path is kept, with a `WorkersSlowerWarning`;
 - uint8 image lists (``uint8=True``): `fastai_memmap.data.device.to_float_tfm` first in ``dl_tfms``.
 """
@@ -33,6 +35,7 @@ from fastai.torch_core import data_collate
 from fastai.vision.data import ImageDataBunch
 
 from ..errors import ArgumentError, ArgumentTypeError
+from .compat import FastaiDefaultWorkers
 from .device import use_prefetch_thread, with_to_float
 from .random_order import eval_sampler
 from .sampling import BlockShuffle, shuffle_option, use_sampler
@@ -157,7 +160,7 @@ def _check_create_args(args: tuple, kwargs: dict, num_workers: Any) -> Tuple[tup
     return tuple(args), kwargs, (int(num_workers) if isinstance(num_workers, np.integer) else num_workers)
 
 
-def _create(cls, base, train_ds, *args, collate_fn=data_collate, shuffle=True, num_workers=defaults.cpus,
+def _create(cls, base, train_ds, *args, collate_fn=data_collate, shuffle=True, num_workers="auto",
             dl_tfms=None, no_check=False, **kwargs):
     args, kwargs, num_workers = _check_create_args(args, kwargs, num_workers)
     option, fast = shuffle_option(shuffle), takes_fast_path(train_ds)
@@ -165,7 +168,7 @@ def _create(cls, base, train_ds, *args, collate_fn=data_collate, shuffle=True, n
         collate_fn = memmap_collate
     if getattr(getattr(train_ds, "x", None), "uint8", False):
         dl_tfms = with_to_float(dl_tfms)
-    auto = num_workers in ("auto", None)
+    auto = num_workers in ("auto", None) or isinstance(num_workers, FastaiDefaultWorkers)   # not the user's value
     workers = (0 if fast else defaults.cpus) if auto else num_workers
     if fast and not auto and workers > 0:
         warnings.warn(f"{cls.__name__}: num_workers={workers} on the batch fast path: each worker batch is copied "

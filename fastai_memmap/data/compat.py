@@ -24,7 +24,13 @@ patch                   what breaks                                   where in f
                         ``prefetch_factor``, ``persistent_workers``,                                               records every argument in ``init_kwargs``, so
                         ``pin_memory_device``, ``in_order`` raise                                                  ``DeviceDataLoader.new`` and the ``batch_size``
                         ``TypeError``, even for plain torch loaders                                                setter keep them; ``add_test`` reuses the
-                                                                                                                   validation loader's ``init_kwargs``.
+                                                                                                                   validation loader's ``init_kwargs``. fastai's
+                                                                                                                   ``pin_memory=True`` only where CUDA is available
+                                                                                                                   (else torch warns and pins for nothing).
+``default_workers``     (not a break) fastai's ``LabelLists.         ``data_block.py``:                           The default becomes `FastaiDefaultWorkers`, the
+                        databunch`` passes ``num_workers=defaults.    ``LabelLists.databunch(num_workers=          same int marked as fastai's: the package's
+                        cpus`` explicitly: a bunch cannot tell it     defaults.cpus)``                             bunches then take ``'auto'`` silently; fastai's
+                        from the user's value                                                                      own bunches see the int.
 ``ragged_array``        numpy 1.24 refuses ragged input:              ``core.py``: ``array()``, star-imported      A wrapper falls back to an object array when
                         ``ValueError`` for multi-label targets of     into ~40 fastai modules (``data_block``:     ``dtype`` is ``None`` and numpy refuses the
                         varying length (``label_from_df(...,          ``MultiCategoryList``,                       input; it replaces the same function object
@@ -100,7 +106,7 @@ import torch.utils.data
 
 from ..errors import FastaiCompatError
 
-__all__ = ["apply", "applied", "PATCHES", "Patch", "LOAD_LEARNER_SECURITY_NOTE", "FastaiCompatError",
+__all__ = ["FastaiDefaultWorkers", "apply", "applied", "PATCHES", "Patch", "LOAD_LEARNER_SECURITY_NOTE", "FastaiCompatError",
            "solve_legacy"]
 
 FASTAI_VERSION = "1.0.61"  # the only fastai these fixes were written against (the last v1 release)
@@ -251,13 +257,40 @@ def _make_dataloader_init(torch_init: Callable) -> Callable:
         # binding first raises torch's own TypeError for an argument torch does not accept
         passed = signature.bind(self, dataset, *args, **kwargs).arguments
         passed = {key: value for key, value in passed.items() if key not in ("self", "dataset")}
-        self.init_kwargs = {**defaults, **passed}
+        # fastai pins by default, for its CUDA device; without CUDA pinning does nothing but warn
+        self.init_kwargs = {**defaults, "pin_memory": torch.cuda.is_available(), **passed}
         torch_init(self, dataset, **self.init_kwargs)
 
     # help() and inspect show torch's parameters with the defaults fastai actually applies
     __init__.__signature__ = signature.replace(parameters=[
         p.replace(default=defaults[p.name]) if p.name in defaults else p for p in signature.parameters.values()])
     return _mark(__init__)
+
+
+class FastaiDefaultWorkers(int):
+    """fastai's default ``num_workers`` (``defaults.cpus``), marked so that a data bunch can tell it from
+    a value the user passed: `fastai_memmap.data.batching` then picks the fast setting (``'auto'``)
+    silently. Behaves as the int it is everywhere else (torch, fastai's own bunches)."""
+
+    def __repr__(self) -> str:
+        return f"{int(self)}"
+
+    def __reduce__(self):
+        return (int, (int(self),))
+
+
+def _patch_databunch_workers() -> Patch:
+    data_block = sys.modules["fastai.data_block"]
+    f = data_block.LabelLists.databunch
+    names = f.__code__.co_varnames[:f.__code__.co_argcount]
+    k = names.index("num_workers") - (len(names) - len(f.__defaults__))
+    if not isinstance(f.__defaults__[k], FastaiDefaultWorkers):
+        d = list(f.__defaults__)
+        d[k] = FastaiDefaultWorkers(d[k])
+        f.__defaults__ = tuple(d)
+    return Patch("default_workers", "data_block.py: LabelLists.databunch(num_workers=defaults.cpus)",
+                 "not a break: the package's bunches choose num_workers='auto' when the user passed none, and "
+                 "fastai passes its default explicitly", ("fastai.data_block.LabelLists.databunch.__defaults__",))
 
 
 def _databunch_add_test(self, items, label=None, tfms=None, tfm_y=None) -> None:
@@ -571,7 +604,8 @@ def _import_fastai() -> Patch:
 
 
 # ---------------------------------------------------------------------------------------- public API
-_PATCHERS = (_patch_torch_load, _patch_solve, _patch_dataloader, _patch_array, _patch_numpy_aliases,
+_PATCHERS = (_patch_torch_load, _patch_solve, _patch_dataloader, _patch_databunch_workers, _patch_array,
+             _patch_numpy_aliases,
              _install_text_hook, *_TEXT_PATCHERS.values())
 
 
@@ -613,7 +647,9 @@ def applied() -> bool:
     if not all(name in modules for name in _FASTAI_MODULES):
         return False
     checks = [isinstance(vars(modules[name])["torch"], _ModuleProxy) for name in _TORCH_LOAD_MODULES]
-    checks += [modules["fastai.vision.transform"]._solve_func is solve_legacy,
+    workers = modules["fastai.data_block"].LabelLists.databunch.__defaults__
+    checks += [any(isinstance(v, FastaiDefaultWorkers) for v in workers),
+               modules["fastai.vision.transform"]._solve_func is solve_legacy,
                _is_ours(torch.utils.data.DataLoader.__init__),
                modules["fastai.basic_data"].DataBunch.add_test is _databunch_add_test,
                _is_ours(modules["fastai.core"].array)]

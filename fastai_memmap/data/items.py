@@ -19,8 +19,8 @@ from ..store.ragged import RaggedArray
 from ..store.reader import MemmapArray
 from ..store.sparse import SparseArray
 
-__all__ = ["RowIndex", "MemmapItem", "MemmapProcessor", "MemmapItemList", "as_store", "register_list_class",
-           "register_label_rule"]
+__all__ = ["RowIndex", "MemmapItem", "MemmapProcessor", "MemmapItemList", "as_store", "check_label_rows",
+           "register_list_class", "register_label_rule"]
 
 PathOrStore = Union[str, Path, MemmapArray]
 
@@ -44,6 +44,18 @@ def register_label_rule(rule: Callable[..., Optional[type]]) -> None:
     """Add `rule(ystore, classes, x)` → a label list class or None, tried before the rules registered
     earlier by `MemmapItemList.get_label_cls` (`fastai_memmap.data.labels` registers the default one)."""
     _LABEL_RULES.insert(0, rule)
+
+
+def check_label_rows(n_items: int, n_labels: int, items: Any, labels: Any, allow_longer: bool = False) -> None:
+    """Raise ``ItemShapeError`` unless the label store (`labels`, `n_labels` rows) has one row per row
+    of the item store (`items`, `n_items` rows); with `allow_longer`, more label rows are accepted."""
+    if n_labels == n_items or (allow_longer and n_labels > n_items):
+        return
+    hint = ("; label row i labels item row i, so a shorter label store leaves items without a label"
+            if n_labels < n_items else
+            "; rows are matched by number: pass allow_longer=True if the extra last label rows are to be ignored")
+    raise ItemShapeError(f"{labels}: expected {n_items} label rows, one per row of the item store {items}, "
+                         f"found {n_labels}{hint}")
 
 
 def _list_class(cls: type, store: Any) -> type:
@@ -283,21 +295,22 @@ class MemmapItemList(ItemList):
         return super().get_label_cls(labels, label_cls=label_cls, label_delim=label_delim, **kwargs)
 
     def label_from_memmap(self, path: PathOrStore, classes: Optional[Any] = None, label_cls: Any = None,
-                          from_item_lists: bool = False, **kwargs):
+                          from_item_lists: bool = False, allow_longer: bool = False, **kwargs):
         """Label each item with the row of the same number in the label store at `path`.
 
         Integer labels with `classes` (or ``meta['classes']`` in the label store, or integer dtype)
         give classification (`MemmapCategoryList`); float labels give regression
-        (`MemmapFloatList`, any label shape). Raises ``ItemShapeError`` if the label store has fewer
-        rows than the item store, ``ValueError`` if the list is not split yet.
+        (`MemmapFloatList`, any label shape). The label store must have as many rows as the item
+        store (rows are matched by number: a different length usually means misaligned labels);
+        `allow_longer` accepts a longer label store, whose extra last rows are then unused. Raises
+        ``ItemShapeError`` for a label store of another length, ``ValueError`` if the list is not
+        split yet.
         """
         if not from_item_lists:
             raise ArgumentError("Your data isn't split; call a split_* method (split_none for no validation set) first")
         ystore = as_store(path)
         xstore = self._store()
-        if len(ystore) < len(xstore):
-            raise ItemShapeError(f"{ystore.path}: expected at least {len(xstore)} label rows (one per row of "
-                                 f"{xstore.path}), found {len(ystore)}")
+        check_label_rows(len(xstore), len(ystore), xstore.path, ystore.path, allow_longer)
         label_cls = self.get_label_cls(ystore, label_cls=label_cls, classes=classes)
         y = label_cls(RowIndex(np.asarray(self.items), ystore), store=ystore, classes=classes,
                       path=self.path, **kwargs)

@@ -29,7 +29,7 @@ import numpy as np
 
 from .casting import CASTINGS, cast_rows
 from ..errors import (ArgumentError, ArgumentTypeError, ItemShapeError, MemmapError, NotAStoreError, OverlapError,
-                      StoreExistsError, StoreIOError, StoreNotFoundError, StoreWriteError, UnsafePathError, WriterConflictError,
+                      StoreExistsError, StoreIOError, StoreWriteError, UnsafePathError, WriterConflictError,
                       WriterStateError)
 from .kinds import writer_for
 from .progress import Progress
@@ -452,7 +452,8 @@ def begin_staging(target: Path, overwrite: bool, is_store: Optional[Any] = None)
 
     Returns ``(lock_fd, tmp_dir)``; close `lock_fd` to release the lock. Cleans temporaries left by
     interrupted writers of `target` (putting back a store whose replacement was interrupted).
-    Raises ``StoreNotFoundError`` (no parent directory), ``WriterConflictError`` (locked),
+    Missing parent directories of `target` are created (`make_parents`; they stay if the write then
+    fails: nothing else is left behind). Raises ``WriterConflictError`` (locked),
     ``StoreExistsError`` (`target` exists and not `overwrite`), ``NotAStoreError`` (`target` exists,
     `overwrite`, but is not a store: see `check_replaceable`, which `is_store` is passed to),
     ``UnsafePathError`` (symlinked lock), ``StoreIOError`` (other OS errors, with their cause).
@@ -467,13 +468,46 @@ def begin_staging(target: Path, overwrite: bool, is_store: Optional[Any] = None)
         raise os_error(e, target, "preparing to write the store") from None
 
 
+def make_parents(directory: Path) -> None:
+    """Create `directory` and its missing parents, as ``mkdir -p`` (each new directory's entry is fsynced
+    in its parent, so a committed store's path survives a crash). Existing directories are left as they
+    are. Raises ``StoreIOError`` (``ENOTDIR``) when a component is a file, ``EACCES``/``EROFS``... with the
+    cause, via `os_error` in `begin_staging`."""
+    missing = []
+    d = directory
+    while not d.is_dir():
+        if d.exists() or d.is_symlink():   # a file (or a dangling link) where a directory is needed
+            raise StoreIOError(errno.ENOTDIR, f"{directory}: expected a directory (or nothing) at {d}, found "
+                               f"{'a symlink that leads nowhere' if d.is_symlink() and not d.exists() else 'a file'}; "
+                               "pick another output path")
+        missing.append(d)
+        if d.parent == d:
+            break
+        d = d.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir()
+        except FileExistsError:   # made by a concurrent writer
+            if not d.is_dir():
+                raise
+        _fsync_dir_quiet(d.parent)
+
+
+def _fsync_dir_quiet(path: Path) -> None:
+    "fsync a directory where the filesystem allows it (some refuse directory fsync: nothing to do there)."
+    try:
+        fsync_dir(path)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF):
+            raise
+
+
 def _begin_staging(target: Path, overwrite: bool, is_store: Optional[Any]) -> Tuple[int, Path]:
     if len(os.fsencode(target.name)) > NAME_MAX:
         raise StoreIOError(errno.ENAMETOOLONG, f"{target}: expected a name of at most {NAME_MAX} bytes, found "
                            f"{len(os.fsencode(target.name))}; pick a shorter name")
     parent = target.parent
-    if not parent.is_dir():
-        raise StoreNotFoundError(f"{target}: parent directory {parent} does not exist")
+    make_parents(parent)
     lock = _take_lock(parent / f".{staging_stem(target.name)}.lock", target)
     try:
         _clean_stale(parent, target.name)   # may put back a store whose replacement was interrupted

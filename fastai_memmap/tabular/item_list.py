@@ -26,7 +26,7 @@ from fastai.data_block import EmptyLabelList, ItemList, ItemLists, LabelList, Pr
 from fastai.tabular.data import TabularDataBunch, TabularLine, def_emb_sz  # noqa: E402
 
 from ..errors import FormatError, ItemShapeError  # noqa: E402
-from ..data.items import RowIndex, as_store  # noqa: E402
+from ..data.items import RowIndex, as_store, check_label_rows  # noqa: E402
 from ..data.labels import MemmapCategoryList, MemmapFloatList, label_cls_for, read_scalars  # noqa: E402
 from ..store.reader import MemmapArray  # noqa: E402
 from .convert import (ColumnNotFoundError, ColumnTypeError, ColumnValueError, TabularError,  # noqa: E402,F401
@@ -249,7 +249,8 @@ class MemmapTabularList(ItemList):
         return self.split_by_idx(np.flatnonzero(np.isin(np.asarray(self.items), s.valid[:])))
 
     def label_from_memmap(self, path: Union[str, Path, MemmapArray, None] = None, label_cls: Any = None,
-                          classes: Optional[Sequence[Any]] = None, from_item_lists: bool = False, **kwargs) -> LabelList:
+                          classes: Optional[Sequence[Any]] = None, from_item_lists: bool = False,
+                          allow_longer: bool = False, **kwargs) -> LabelList:
         """Label each row with the stored target of the same row (or the row of the label store at `path`).
 
         Categorical targets give `MemmapCategoryList` (classes fitted on the training rows; rows whose
@@ -272,8 +273,7 @@ class MemmapTabularList(ItemList):
                 label_cls, classes = label_cls or MemmapCategoryList, classes or list(st.y_classes)
             else:
                 label_cls = label_cls or MemmapFloatList
-        if len(ystore) < len(s):
-            raise ItemShapeError(f"{ystore.path}: expected at least {len(s)} label rows, found {len(ystore)}")
+        check_label_rows(len(s), len(ystore), s.path, ystore.path, allow_longer)
         y = label_cls(RowIndex(np.asarray(self.items), ystore), store=ystore, classes=classes, path=self.path, **kwargs)
         return self._label_list(x=self, y=y)
 

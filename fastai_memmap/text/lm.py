@@ -240,7 +240,7 @@ class MemmapLMDataBunch(DataBunch):
     """
 
     @classmethod
-    def from_memmap(cls, path: Union[str, Path, RaggedArray], vocab: Any = None, valid_pct: float = 0.1,
+    def from_memmap(cls, path: Union[str, Path, RaggedArray], *, vocab: Any = None, valid_pct: float = 0.1,
                     valid_rows: Any = None, seed: Optional[int] = None, bs: int = 64, val_bs: Optional[int] = None,
                     bptt: int = 70, backwards: bool = False, num_workers: int = 0, device: Any = None,
                     item_path: Optional[Union[str, Path]] = None, dl_tfms: Any = None,
