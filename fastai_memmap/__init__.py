@@ -30,3 +30,4 @@ from .distributed import to_memmap_distributed, MemmapDistributedTrainer
 from .sampling import BlockShuffle, BlockShuffleSampler
 from .device import to_float, to_float_tfm, with_to_float, insert_to_float, PrefetchDataLoader
 from .batching import WorkersSlowerWarning
+from .checkpoint import Checkpoint
