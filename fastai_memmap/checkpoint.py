@@ -53,6 +53,7 @@ Refusal
     epoch at equal world size) raises `CheckpointMismatchError` naming the field.
 """
 import contextlib
+import glob
 import hashlib
 import os
 import random
@@ -88,13 +89,12 @@ def write_atomic(obj: Any, path: Union[str, Path]) -> int:
     Writes ``.NAME.tmp-PID`` next to `path` (created with ``O_EXCL``; a stale one of a killed
     writer with the same pid is replaced), ``fsync``s it, renames it over `path` with
     ``os.replace`` and ``fsync``s the directory: a reader sees the old file or the new one, never
-    a part; a killed write leaves the old file and at most a temporary file (removed by the next
-    write of the same process id, ignored by readers). Raises ``OSError`` from the file system.
+    a part; a killed write leaves the old file and a temporary file (removed by the next
+    write, ignored by readers). Raises ``OSError`` from the file system.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
+    _remove_stale(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -115,10 +115,28 @@ def write_atomic(obj: Any, path: Union[str, Path]) -> int:
     return size
 
 
+def _remove_stale(path: Path) -> None:
+    "Remove the temporary files of `path` left by killed writers (their pid is gone) and by this process."
+    for tmp in path.parent.glob(glob.escape(f".{path.name}.tmp-") + "*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid))):
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def load_checkpoint(path: Union[str, Path]) -> Dict[str, Any]:
     """The checkpoint dict at `path` (see the module docstring), loaded with ``weights_only=True``
-    (no code runs) on the CPU. Raises ``StoreNotFoundError``-free builtins: ``FileNotFoundError`` if
-    absent; `CheckpointFormatError` (a ``ValueError``) for a file that is not a checkpoint of this
+    (no code runs) on the CPU. Raises ``FileNotFoundError`` if absent; `CheckpointFormatError` (a ``ValueError``) for a file that is not a checkpoint of this
     format version (truncated, another ``torch.save`` file, a newer version)."""
     path = Path(path)
     try:

@@ -54,6 +54,7 @@ def noise(b):
 def make_stores(store):
     if (store / "y").exists():
         return
+    store.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     save_memmap(store / "img", rng.integers(0, 256, (N, S, S, 3), dtype=np.uint8), shard_rows=50,
                 meta={"layout": "HWC"})
