@@ -438,6 +438,8 @@ class Checkpoint(LearnerCallback):
                 setattr(self.learn.opt, name, v)
         if p["finished"]:
             self._finished = p["history"]
+            if self.handler is not None:   # no batch will set it: the recorder's epoch-end row needs one
+                self.handler.state_dict["smooth_loss"] = self.handler.smoothener.smooth
             return {"num_batch": p["batches"], "skip_validate": True}
         return {"num_batch": p["batches"]}
 
