@@ -236,3 +236,97 @@ def test_cost_is_measured_and_the_file_holds_the_run(dense, tmp_path):
         assert torch.equal(state["model"][k], v)
     assert cb.last_write["bytes"] == ckpt.stat().st_size and 0 < cb.last_write["seconds"] < 10
     print(f"checkpoint cost: {cb.last_write['seconds'] * 1e3:.1f} ms, {cb.last_write['bytes']} bytes")
+
+
+# ------------------------------------------------------------------------------------------- distributed
+RANK_SCRIPT = textwrap.dedent('''
+    import os, signal, sys, numpy as np, torch, torch.distributed as dist
+    from functools import partial
+    import fastai_memmap
+    from fastai.basic_train import Learner, LearnerCallback
+    from fastai_memmap import Checkpoint, MemmapItemList
+    from fastai_memmap.distributed import to_memmap_distributed
+
+    out, rank, world, stage, kill_at = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
+
+    class Record(LearnerCallback):
+        def on_batch_begin(self, last_input, train, epoch, iteration, **kw):
+            if train:
+                with open(f"{out}/{stage}_rank{rank}.txt", "a") as f:
+                    f.write(f"{epoch} {iteration} " + " ".join(map(str, last_input[:, 0].long().tolist())) + "\\n")
+        def on_backward_end(self, iteration, **kw):
+            if iteration == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous-{stage}", rank=rank, world_size=world)
+    torch.manual_seed(rank)
+    data = (MemmapItemList.from_memmap(f"{out}/x").split_by_idx(list(range(0, 200, 10)))
+            .label_from_memmap(f"{out}/y").databunch(bs=16, num_workers=0))
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    learn = Learner(data, model, callback_fns=[partial(Checkpoint, path=f"{out}/run.ckpt", every=2)])
+    learn.callbacks.append(Record(learn))
+    to_memmap_distributed(learn, seed=7, drop_last=False, block_bytes=16 * 8, window_blocks=1)
+    learn.fit(2, 1e-2)
+    dist.destroy_process_group()
+''')
+
+
+def run_ranks(path, world, stage, kill_at):
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
+    procs = [subprocess.Popen([sys.executable, str(path / "rank.py"), str(path), str(r), str(world), stage,
+                               str(kill_at)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in range(world)]
+    try:
+        outs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return [p.returncode for p in procs], "\n".join(o[-2000:] for o in outs)
+
+
+def trained(path, stage, world, before=None):
+    "{epoch: row ids trained} over the ranks of `stage` (iterations < `before` only)."
+    got = {}
+    for r in range(world):
+        for line in (path / f"{stage}_rank{r}.txt").read_text().splitlines():
+            epoch, it, *ids = map(int, line.split())
+            if before is None or it < before:
+                got.setdefault(epoch, []).extend(ids)
+    return got
+
+
+def distributed_resume(tmp_path, new_world):
+    x = np.random.default_rng(0).normal(size=(200, 4)).astype(np.float32)
+    x[:, 0] = np.arange(200)
+    save_memmap(tmp_path / "x", x)
+    save_memmap(tmp_path / "y", (np.arange(200) % 2).astype(np.int64), meta={"classes": ["a", "b"]})
+    (tmp_path / "rank.py").write_text(RANK_SCRIPT)
+    rcs, out = run_ranks(tmp_path, 2, "first", kill_at=3)             # killed in iteration 3, written after 2
+    assert rcs == [-signal.SIGKILL] * 2, out
+    pos = load_checkpoint(tmp_path / "run.ckpt")["position"]
+    assert pos["iteration"] == 2 and pos["num_replicas"] == 2 and pos["consumed"] == [32, 32]
+    rcs, out = run_ranks(tmp_path, new_world, "second", kill_at=-1)
+    assert rcs == [0] * new_world, out
+    first, second = trained(tmp_path, "first", 2, before=2), trained(tmp_path, "second", new_world)
+    train_rows = sorted(set(range(200)) - set(range(0, 200, 10)))
+    assert sorted(first[0] + second[0]) == train_rows                   # epoch 0: every item exactly once
+    assert sorted(second[1]) == train_rows and 1 not in first          # epoch 1 entirely after the resume
+
+
+def test_distributed_resume_with_three_ranks_instead_of_two(tmp_path):
+    distributed_resume(tmp_path, 3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [1, 2])
+def test_distributed_resume_with_one_or_two_ranks(tmp_path, world):
+    distributed_resume(tmp_path, world)
+
+
+def test_time_based_writes(dense, tmp_path):
+    learn = learner(dense, tmp_path / "unused.ckpt")
+    learn.callback_fns = learn.callback_fns[:-1]
+    cb = Checkpoint(learn, tmp_path / "t.ckpt", seconds=1e-9, at_epoch_end=False)
+    learn.fit(1, 1e-2, callbacks=[cb])
+    assert cb.last_write["batches"] == 10 and load_checkpoint(tmp_path / "t.ckpt")["position"]["iteration"] == 10
