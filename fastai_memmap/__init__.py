@@ -30,7 +30,7 @@ _patching.install()
 _NAMES = {
     "store": ["FORMAT_VERSION", "Manifest", "MemmapArray", "MemmapWriter", "RaggedArray", "RaggedWriter", "SparseArray",
               "SparseWriter", "csr_to_dense", "open_memmap", "save_dask", "save_memmap", "save_ragged", "save_sparse"],
-    "data": ["BlockShuffle", "BlockShuffleSampler", "BucketSampler", "MemmapCategoryList", "MemmapDistributedTrainer",
+    "data": ["BlockShuffle", "BlockShuffleSampler", "BucketSampler", "Checkpoint", "MemmapCategoryList", "MemmapDistributedTrainer",
              "MemmapFloatList", "MemmapItem", "MemmapItemList", "MemmapLabelList", "PrefetchDataLoader",
              "RaggedCollate", "RaggedDataBunch", "RaggedItem", "RaggedItemList", "RowIndex", "SparseItem",
              "SparseItemList", "SparseLinear", "WorkersSlowerWarning", "insert_to_float", "pad_ragged", "sparse_batch",

@@ -19,7 +19,7 @@ __all__ = [
     "FastaiCompatError", "OffsetsError", "SparseIndexError", "TokenIdError", "ImageReadError", "SharedMemoryError",
     "TabularError", "ColumnNotFoundError", "ColumnTypeError", "ColumnValueError", "SourceNotFoundError",
     "ArgumentError", "ArgumentTypeError", "WriterStateError", "LossyCastError", "NotAStoreError", "OverlapError",
-    "StoreIOError", "UnverifiedStoreError",
+    "StoreIOError", "UnverifiedStoreError", "CheckpointMismatchError", "CheckpointFormatError",
 ]
 
 
@@ -171,3 +171,12 @@ class StoreIOError(MemmapError, OSError):
 
 class UnverifiedStoreError(ChecksumError):
     "`verify` was asked to prove a store's content, but one or more shards carry no checksum to check."
+
+
+class CheckpointMismatchError(MemmapError, ValueError):
+    """A training checkpoint belongs to another run (other schedule, data, model shape or optimizer):
+    resuming from it would not continue this run. The message names what differs."""
+
+
+class CheckpointFormatError(FormatError):
+    "A training checkpoint file is not one `fastai_memmap.Checkpoint` wrote, or is of an unknown version."

@@ -12,6 +12,7 @@ batching      the batch fast path (whole batches read at once) and the data bunc
 sampling      `BlockShuffle`: block order for stores larger than RAM; the ``shuffle=`` option
 random_order  random order read ahead (``pread``), for stores larger than the memory budget
 device        uint8 → float on the device (`to_float_tfm`), `PrefetchDataLoader`
+checkpoint    `Checkpoint`: atomic mid-epoch checkpoints, exact resume
 distributed   `MemmapDistributedTrainer`, `to_memmap_distributed`: one rank per process
 padding       ragged batches: `pad_ragged`, `RaggedCollate`, `BucketSampler`, `RaggedDataBunch`
 ragged_items  `RaggedItemList`: variable-length items
@@ -27,12 +28,13 @@ from .labels import MemmapCategoryList, MemmapFloatList, MemmapLabelList  # noqa
 from .batching import MemmapDataBunch, MemmapImageDataBunch, WorkersSlowerWarning  # noqa: E402
 from .sampling import BlockShuffle, BlockShuffleSampler, RandomShuffle  # noqa: E402
 from .device import PrefetchDataLoader, insert_to_float, to_float, to_float_tfm, with_to_float  # noqa: E402
+from .checkpoint import Checkpoint  # noqa: E402
 from .distributed import MemmapDistributedTrainer, to_memmap_distributed  # noqa: E402
 from .padding import BucketSampler, RaggedCollate, RaggedDataBunch, pad_ragged  # noqa: E402
 from .ragged_items import RaggedItem, RaggedItemList  # noqa: E402
 from .sparse_items import SparseItem, SparseItemList, SparseLinear, sparse_batch  # noqa: E402
 
-__all__ = ["BlockShuffle", "BlockShuffleSampler", "BucketSampler", "MemmapCategoryList", "MemmapDataBunch",
+__all__ = ["BlockShuffle", "BlockShuffleSampler", "BucketSampler", "Checkpoint", "MemmapCategoryList", "MemmapDataBunch",
            "MemmapDistributedTrainer", "MemmapFloatList", "MemmapImageDataBunch", "MemmapItem", "MemmapItemList",
            "MemmapLabelList", "PrefetchDataLoader", "RaggedCollate", "RaggedDataBunch", "RaggedItem", "RaggedItemList",
            "RandomShuffle", "RowIndex", "SparseItem", "SparseItemList", "SparseLinear", "WorkersSlowerWarning", "compat",

@@ -80,10 +80,17 @@ class RandomOrderSampler(Sampler):
         seed = check_seed(seed, 1)
         self.seed = int(torch.randint(0, 2 ** 62, ()).item()) if seed is None else seed
         self.prefetch = prefetch
+        self._skip = 0   # positions the next iter() leaves out (a run resumed mid-epoch)
 
     def set_epoch(self, epoch: int) -> None:
         "Make the next ``iter()`` produce the order of `epoch`."
         self.epoch = check_int("epoch", epoch, 0)
+
+    def skip(self, k: int) -> None:
+        """Make the next ``iter()`` leave out the first `k` positions of its epoch's order (already
+        consumed by a run resumed mid-epoch, `fastai_memmap.checkpoint`); ``len()`` counts the others
+        until then. Raises ``ArgumentError`` / ``ArgumentTypeError`` unless `k` is an int >= 0."""
+        self._skip = check_int("k", k, 0)
 
     def order(self, epoch: Optional[int] = None) -> np.ndarray:
         "The positions of `epoch` (default: the current one): int64, a permutation of ``range(n)``, a new array."
@@ -92,14 +99,15 @@ class RandomOrderSampler(Sampler):
         return rng.permutation(self.n).astype(np.int64)
 
     def __len__(self) -> int:
-        return self.n
+        return self.n - min(self._skip, self.n)
 
     def __iter__(self) -> Iterator[int]:
-        order = self.order()
+        k, self._skip = min(self._skip, self.n), 0
+        order = self.order()[k:]
         self.epoch += 1
         if self.prefetch is None:
             return iter(order.tolist())
-        window = np.arange(self.n, dtype=np.int64) // self.batch_size
+        window = np.arange(k, self.n, dtype=np.int64) // self.batch_size
         ahead = Readahead(self.prefetch, None, who="RandomOrderSampler")
         return iter_windows(order, window, ahead, self.batches_ahead, lag=self.n + 1)
 

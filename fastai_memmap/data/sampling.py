@@ -194,6 +194,7 @@ class BlockShuffleSampler(Sampler):
         self.readahead_windows, self.drop_consumed = _positive("readahead_windows", readahead_windows), bool(drop_consumed)
         self._base = None if self.n == 0 else _base_order(self.n, self.keys)
         self._cached: Optional[tuple] = None   # (epoch, order, window): the plan is computed once per epoch
+        self._skip: Optional[List[int]] = None   # positions consumed per part, left out by the next iter()
 
     def set_epoch(self, epoch: int) -> None:
         "Make the next ``iter()`` produce the order of `epoch` (and advance from there)."
@@ -209,12 +210,45 @@ class BlockShuffleSampler(Sampler):
                                             self.num_replicas, self.rank, self.keys, self._base)
         return self._cached[1:]
 
+    def skip(self, consumed: Union[int, List[int]]) -> None:
+        """Make the next ``iter()`` leave out the positions of its epoch already consumed (a run resumed
+        mid-epoch, `fastai_memmap.checkpoint`); ``len()`` counts the others until then.
+
+        `consumed` is an int (the first `consumed` positions of this rank's part) or a list with one
+        count per rank of the run that consumed them: the epoch's order is cut into ``len(consumed)``
+        parts as that run cut it, the first ``consumed[r]`` of part ``r`` are left out, and what remains
+        (in order) is cut anew into `num_replicas` parts, so a job resumed with another number of ranks
+        still visits every position of the epoch exactly once over its ranks. Raises ``ArgumentError``
+        / ``ArgumentTypeError`` for a negative or non-int count or an empty list.
+        """
+        if isinstance(consumed, (int, np.integer)) and not isinstance(consumed, (bool, np.bool_)):
+            self._skip = [_int("consumed", consumed, 0)] * self.num_replicas
+            return
+        if not isinstance(consumed, (list, tuple)) or not consumed:
+            raise ArgumentTypeError(f"consumed: expected an int or a non-empty list of ints (one per rank), found "
+                                    f"{consumed!r:.100}")
+        self._skip = [_int("consumed", c, 0) for c in consumed]
+
+    def _remaining(self) -> np.ndarray:
+        "Positions of the full epoch order left after `_skip`, and this rank's slice of them."
+        parts = [rank_slice(self.n, len(self._skip), r) for r in range(len(self._skip))]
+        keep = np.concatenate([np.arange(min(p.start + c, p.stop), p.stop) for p, c in zip(parts, self._skip)])
+        return keep[rank_slice(len(keep), self.num_replicas, self.rank)]
+
     def __len__(self) -> int:
+        if self._skip is not None and self.n:
+            return len(self._remaining())
         part = rank_slice(self.n, self.num_replicas, self.rank)
         return part.stop - part.start
 
     def __iter__(self) -> Iterator[int]:
-        order, window = self._plan(self.epoch)
+        if self._skip is not None and self.n:
+            mine, self._skip = self._remaining(), None
+            order, window = _block_plan(self.n, self.block_rows, self.window_blocks, self.seed, self.epoch, self._base)
+            order, window = order[mine], window[mine]
+        else:
+            self._skip = None
+            order, window = self._plan(self.epoch)
         self.epoch += 1
         if self.prefetch is None:
             return iter(order.tolist())
