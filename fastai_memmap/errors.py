@@ -19,7 +19,7 @@ __all__ = [
     "FastaiCompatError", "OffsetsError", "SparseIndexError", "TokenIdError", "ImageReadError", "SharedMemoryError",
     "TabularError", "ColumnNotFoundError", "ColumnTypeError", "ColumnValueError", "SourceNotFoundError",
     "ArgumentError", "ArgumentTypeError", "WriterStateError", "LossyCastError", "NotAStoreError", "OverlapError",
-    "StoreIOError", "UnverifiedStoreError",
+    "StoreIOError", "UnverifiedStoreError", "UnsupportedTransformError",
 ]
 
 
@@ -171,3 +171,8 @@ class StoreIOError(MemmapError, OSError):
 
 class UnverifiedStoreError(ChecksumError):
     "`verify` was asked to prove a store's content, but one or more shards carry no checksum to check."
+
+
+class UnsupportedTransformError(MemmapError, ValueError):
+    """A transform given as ``batch_tfms=`` that the batch path cannot apply (named in the message), or an
+    order or probability that would give items of one batch different sizes: use per-item ``.transform()``."""
