@@ -248,14 +248,14 @@ def _logit_(x: torch.Tensor) -> torch.Tensor:
     return x.reciprocal_().sub_(1).log_().neg_()
 
 
-def _brightness(x: torch.Tensor, d: Drawn, n: int, R: np.ndarray) -> torch.Tensor:
-    v = scipy.special.logit(d.get("change", n)[R].astype(np.float64)).astype(np.float32)
-    return x.add_(torch.from_numpy(v).to(x.device).view(-1, 1, 1, 1))
+def _brightness(d: Drawn, n: int) -> Tuple[np.ndarray, np.ndarray]:
+    "``(add, mul)`` per item in logit space: fastai's ``x.add_(logit(change))``."
+    return scipy.special.logit(d.get("change", n).astype(np.float64)).astype(np.float32), np.ones(n, np.float32)
 
 
-def _contrast(x: torch.Tensor, d: Drawn, n: int, R: np.ndarray) -> torch.Tensor:
-    v = np.asarray(d.get("scale", n)[R], np.float32)
-    return x.mul_(torch.from_numpy(v).to(x.device).view(-1, 1, 1, 1))
+def _contrast(d: Drawn, n: int) -> Tuple[np.ndarray, np.ndarray]:
+    "``(add, mul)`` per item in logit space: fastai's ``x.mul_(scale)``."
+    return np.zeros(n, np.float32), np.asarray(d.get("scale", n), np.float32)
 
 
 def _flip_lr(x: torch.Tensor, d: Drawn, n: int, R: np.ndarray) -> torch.Tensor:
@@ -332,22 +332,45 @@ def _affine_grid(h: int, w: int, device: Any) -> torch.Tensor:
     return grid.to(device)
 
 
-def _affine_mult(flow: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    "fastai's ``_affine_mult`` for a batch: flow ``(k, h, w, 2)``, matrices ``(k, 3, 3)`` (h/w correction included)."
-    k, h, w, _ = flow.shape
-    m = m.clone()
+def _corrected(m: np.ndarray, h: int, w: int) -> np.ndarray:
+    "Affine matrices `m` ``(k, 3, 3)`` with fastai's ``_affine_mult`` h/w correction for a ``(h, w)`` grid."
+    m = m.copy()
     m[:, 0, 1] *= h / w
     m[:, 1, 0] *= w / h
-    out = torch.baddbmm(m[:, :2, 2].unsqueeze(1), flow.reshape(k, -1, 2), m[:, :2, :2].transpose(1, 2))
-    return out.view(k, h, w, 2)
+    return m
 
 
-def _perspective(flow: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    "fastai's ``_apply_perspective`` for a batch: flow ``(k, h, w, 2)``, homographies ``(k, 3, 3)``."
-    k, h, w, _ = flow.shape
-    out = torch.baddbmm(c[:, :, 2].unsqueeze(1), flow.reshape(k, -1, 2), c[:, :, :2].transpose(1, 2))
-    out = out.mul_(1 / out[..., 2:3])
-    return out[..., :2].reshape(k, h, w, 2)
+def _grid(M: np.ndarray, h: int, w: int, device: Any, projective: bool) -> torch.Tensor:
+    """The sampling grid ``(k, h, w, 2)`` float32 of the 3×3 maps `M` ``(k, 3, 3)`` applied to fastai's
+    ``_affine_grid`` points (x along w, y along h, in [-1, 1]): ``(M[:2] @ (x, y, 1)) / (M[2] @ (x, y, 1))``.
+
+    One matrix per item stands for fastai's chain of coordinate transforms (homographies, each
+    normalized, i.e. a product of matrices) and ``_affine_mult``: evaluated from the separable
+    base grid, it costs a few passes over the grid instead of a batched matmul per transform."""
+    g = _affine_grid(h, w, device)[0]
+    X, Y = g[0, :, 0].view(1, 1, w), g[:, 0, 1].view(1, h, 1)
+    m = torch.from_numpy(M.astype(np.float32)).to(device).view(-1, 3, 3, 1, 1)
+
+    def row(r: int) -> torch.Tensor:
+        return torch.addcmul(m[:, r, 2] + m[:, r, 1] * Y, m[:, r, 0], X)
+    gx, gy = row(0), row(1)
+    if projective:
+        inv = row(2).reciprocal_()
+        gx, gy = gx.mul_(inv), gy.mul_(inv)
+    return torch.stack([gx, gy], -1)
+
+
+def _reflect_(g: torch.Tensor) -> torch.Tensor:
+    """Grid coordinates reflected into [-1, 1] in place, as ``grid_sample(padding_mode='reflection',
+    align_corners=True)`` reflects them: sampling the result with ``'border'`` gives the same pixels (up to
+    float32 rounding), 2-3x faster on CPU than the reflection kernel. Coordinates in [-3, 3] take the
+    one-fold formula ``1 - |2 - |g + 1||``; others the general ``reflect_coordinates``."""
+    if float(g.abs().max()) <= 3:
+        return g.add_(1).abs_().sub_(2).abs_().neg_().add_(1)
+    t = (g + 1).abs_()
+    odd = torch.fmod(torch.floor(t / 2), 2) == 1
+    extra = torch.fmod(t, 2)
+    return g.copy_(torch.where(odd, 2 - extra, extra).sub_(1))
 
 
 def _idx(mask: np.ndarray, device: Any) -> torch.Tensor:
@@ -439,18 +462,19 @@ class BatchTfms:
         if x.dim() != 4 or len(x) != draws.n:
             raise ArgumentError(f"batch_tfms: expected a (B, C, H, W) batch of {draws.n} items, found shape "
                                 f"{tuple(x.shape)}")
+        owned = x.dtype != torch.float32   # a converted copy may be changed in place; the caller's tensor never
         if x.dtype == torch.uint8 and not mask:
             x = x.to(torch.float32).div_(255.)
         else:
-            x = x.to(torch.float32, copy=True)
-        out = _Run(self, x, draws, mask).run()
+            x = x.to(torch.float32)
+        out = _Run(self, x, draws, mask, owned).run()
         return out.long() if mask else out
 
 
 class _Run:
     "One application of a `BatchTfms` to one batch: fastai's lazy per-item state, kept for all items at once."
 
-    def __init__(self, eng: BatchTfms, x: torch.Tensor, draws: Draws, mask: bool):
+    def __init__(self, eng: BatchTfms, x: torch.Tensor, draws: Draws, mask: bool, owned: bool):
         self.e, self.x, self.d, self.mask = eng, x, draws, mask
         self.n, c, h, w = x.shape
         self.dev = x.device
@@ -466,29 +490,43 @@ class _Run:
             elif rm == ResizeMethod.SQUISH:
                 self.target = tuple(ct)
             resized = (c,) + tuple(self.target) != (c, h, w)
-        self.flow: Optional[torch.Tensor] = None
+        eye = np.broadcast_to(np.eye(3), (self.n, 3, 3))
+        self.M, self.P = eye.copy(), eye.copy()   # per item: the flow's map of the base grid; the pending affine
         self.flow_set = np.full(self.n, resized)
-        self.aff: Optional[torch.Tensor] = None
         self.aff_set = np.zeros(self.n, bool)
+        self.projective = False
         self.in_logit = np.zeros(self.n, bool)
-        self.sampled = False
+        self.sampled, self.owned = False, owned
 
-    def _base(self) -> torch.Tensor:
-        return _affine_grid(*self.target, self.dev).expand(self.n, -1, -1, -1).clone()
+    def take(self, t: torch.Tensor, sel: np.ndarray) -> torch.Tensor:
+        "Items `sel` (bool ``(n,)``) of `t`: `t` itself when all are selected, else a gathered copy."
+        return t if sel.all() else t[_idx(sel, self.dev)]
+
+    def put(self, t: torch.Tensor, sel: np.ndarray, v: torch.Tensor) -> torch.Tensor:
+        "`t` with items `sel` replaced by `v` (`v` itself when all are selected)."
+        if sel.all():
+            return v
+        if t is self.x and not self.owned:
+            t, self.owned = t.clone(), True
+        t[_idx(sel, self.dev)] = v
+        return t
 
     def run(self) -> torch.Tensor:
         for rt, kind, d in zip(self.e.plan, self.e.kinds, self.d.drawn):
             if self.mask and not rt.use_on_y:
                 continue
             if kind in ("coord", "affine"):
-                self._geometry(kind, rt, d)
+                if d.run.any():
+                    self._geometry(kind, rt, d)
                 continue
             self._sample()
             if kind == "lighting":
-                if not self.mask:
+                if not self.mask and d.run.any():
                     self._lighting(rt, d)
             elif kind == "pixel":
-                self._pixel(rt, d)
+                if d.run.any():
+                    self._sigmoid(d.run)
+                    self.x = self.put(self.x, d.run, PIXEL[rt.tfm](self.take(self.x, d.run), d, self.n, d.run))
             elif self.e.resize_method in (ResizeMethod.CROP, ResizeMethod.PAD):
                 self._crop(d)
         self._sample()
@@ -496,31 +534,28 @@ class _Run:
         return self.x
 
     def _geometry(self, kind: str, rt: RandTransform, d: Drawn) -> None:
+        "Compose an affine matrix into the pending one, or a homography into the flow's map (fastai's lazy order)."
         run = d.run
-        if not run.any():
-            return
-        R = _idx(run, self.dev)
         if kind == "affine":
-            m = torch.from_numpy(AFFINE[rt.tfm](d, self.n)[run].astype(np.float32)).to(self.dev)
-            if self.aff is None:
-                self.aff = torch.eye(3, device=self.dev).repeat(self.n, 1, 1)
-            self.aff[R] = torch.bmm(self.aff[R], m)
+            self.P[run] = self.P[run] @ AFFINE[rt.tfm](d, self.n)[run].astype(np.float32).astype(np.float64)
             self.aff_set |= run
             return
-        if self.flow is None:
-            self.flow = self._base()
-        pend = run & self.aff_set
-        if pend.any():   # fastai's flow getter applies a pending affine matrix first
-            P = _idx(pend, self.dev)
-            self.flow[P] = _affine_mult(self.flow[P], self.aff[P])
-            self.aff[P] = torch.eye(3, device=self.dev)
-            self.aff_set &= ~pend
+        self._flush_affine(run)   # fastai's flow getter applies a pending affine matrix first
         targ = COORD[rt.tfm](d, self.n)[run]
         inv = np.broadcast_to(np.asarray(d.get("invert", self.n), bool), (self.n,))[run]
         orig = np.repeat(_ORIG[None], len(targ), 0)
         o, t = np.where(inv[:, None, None], targ, orig), np.where(inv[:, None, None], orig, targ)
-        self.flow[R] = _perspective(self.flow[R], _coeffs(o, t).to(self.dev))
+        self.M[run] = _coeffs(o, t).double().numpy() @ self.M[run]
         self.flow_set |= run
+        self.projective = True
+
+    def _flush_affine(self, sel: np.ndarray) -> None:
+        pend = sel & self.aff_set
+        if pend.any():
+            self.M[pend] = _corrected(self.P[pend], *self.target) @ self.M[pend]
+            self.P[pend] = np.eye(3)
+            self.aff_set &= ~pend
+            self.flow_set |= pend
 
     def _sample(self) -> None:
         "fastai's ``refresh`` for the items with pending geometry: one ``grid_sample`` (two with the area hack)."
@@ -530,61 +565,59 @@ class _Run:
         G = self.flow_set | self.aff_set
         if not G.any():
             return
-        gi = _idx(G, self.dev)
-        coords = self.flow[gi] if self.flow is not None else self._base()[gi]
-        A = self.aff_set[G]
-        if A.any():
-            ai = _idx(A, self.dev)
-            coords[ai] = _affine_mult(coords[ai], self.aff[gi][ai])
-        x = self.x[gi]
-        n, c, h, w = self.x.shape
+        self._flush_affine(G)
         ho, wo = self.target
+        coords = _grid(self.M, ho, wo, self.dev, self.projective)   # identity rows for items without geometry
+        x = self.x
+        n, c, h, w = x.shape
         mode = "nearest" if self.mask else self.e.mode
-        shrink = np.zeros(len(gi), bool)
+        pad = self.e.padding_mode
+        shrink = np.zeros(n, bool)
         d = min(h / ho, w / wo) / 2
         if mode == "bilinear" and d > 1:   # fastai's _grid_sample: area pre-shrink when resizing down > 2x
-            span = (coords.amax(dim=(1, 2, 3)) - coords.amin(dim=(1, 2, 3))).tolist()
-            shrink = np.array([d > 1 / s * 2 for s in span], bool)
-        kw = dict(mode=mode, padding_mode=self.e.padding_mode, align_corners=True)
-        out = x.new_empty(len(gi), c, ho, wo)
-        for sel in (shrink, ~shrink):
-            if sel.any():
-                si = _idx(sel, self.dev)
-                xs = x[si]
-                if sel is shrink:
-                    xs = F.interpolate(xs, scale_factor=1 / d, mode="area")
-                out[si] = F.grid_sample(xs, coords[si], **kw)
-        if G.all():
-            self.x = out
-        else:   # not resized: untouched items keep their pixels, bit for bit
-            self.x[gi] = out
+            corners = coords[:, [0, -1]][:, :, [0, -1]]   # a projective map of a rectangle has its extremes there
+            span = (corners.amax(dim=(1, 2, 3)) - corners.amin(dim=(1, 2, 3))).tolist()
+            shrink = np.array([d > 1 / s * 2 for s in span], bool) & G
+        if pad == "reflection" and mode == "bilinear":
+            coords, pad = _reflect_(coords), "border"
+        kw = dict(mode=mode, padding_mode=pad, align_corners=True)
+        if not shrink.any():
+            out = F.grid_sample(x, coords, **kw)
+        else:
+            out = x.new_empty(n, c, ho, wo)
+            for sel in (shrink, ~shrink):
+                if sel.any():
+                    sub = _Sub(sel, self.dev)
+                    xs = sub.take(x)
+                    if sel is shrink:
+                        xs = F.interpolate(xs, scale_factor=1 / d, mode="area")
+                    out = sub.put(out, F.grid_sample(xs, sub.take(coords), **kw))
+        if not G.all():   # not resized (same shape): items without geometry keep their pixels, bit for bit
+            keep = _idx(~G, self.dev)
+            out[keep] = x[keep]
+        self.x, self.owned = out, True
 
     def _lighting(self, rt: RandTransform, d: Drawn) -> None:
-        run = d.run
-        if not run.any():
-            return
-        new = run & ~self.in_logit
-        if new.any():
-            ni = _idx(new, self.dev)
-            self.x[ni] = _logit_(self.x[ni])
-        self.in_logit |= run
-        R = _idx(run, self.dev)
-        self.x[R] = LIGHTING[rt.tfm](self.x[R], d, self.n, run)
+        """fastai's ``Image.lighting``: the logit of the pixels, then ``add`` and ``mul`` per item.
+
+        The whole batch enters logit space at the first lighting transform that runs on any item; items
+        whose transform does not run get ``+ 0`` and ``* 1`` (exact). An item on which no lighting runs at
+        all makes the logit/sigmoid round trip fastai skips: within 1e-6 of its pixels."""
+        if not self.in_logit.any():
+            self.x = _logit_(self.x if self.owned else self.x.clone())
+            self.owned, self.in_logit[:] = True, True
+        add, mul = LIGHTING[rt.tfm](d, self.n)
+        add, mul = np.where(d.run, add, 0).astype(np.float32), np.where(d.run, mul, 1).astype(np.float32)
+        if add.any():
+            self.x.add_(torch.from_numpy(add).to(self.dev).view(-1, 1, 1, 1))
+        if (mul != 1).any():
+            self.x.mul_(torch.from_numpy(mul).to(self.dev).view(-1, 1, 1, 1))
 
     def _sigmoid(self, sel: np.ndarray) -> None:
-        s = sel & self.in_logit
-        if s.any():
-            si = _idx(s, self.dev)
-            self.x[si] = self.x[si].sigmoid_()
-            self.in_logit &= ~s
-
-    def _pixel(self, rt: RandTransform, d: Drawn) -> None:
-        run = d.run
-        if not run.any():
-            return
-        self._sigmoid(run)
-        R = _idx(run, self.dev)
-        self.x[R] = PIXEL[rt.tfm](self.x[R], d, self.n, run)
+        "Leave logit space (fastai's ``refresh``): the whole batch, at the first pixel op or at the end."
+        if self.in_logit.any():
+            self.x = self.x.sigmoid_()
+            self.in_logit[:] = False
 
     def _crop(self, d: Drawn) -> None:
         "fastai's ``crop_pad`` (size, padding_mode from the engine; row_pct/col_pct per item)."
@@ -606,12 +639,32 @@ class _Run:
         cpct = np.asarray(d.get("col_pct", n), np.float64).copy()
         rpct[rpct == 1.] -= 1e-7   # fastai's _minus_epsilon
         cpct[cpct == 1.] -= 1e-7
-        r0 = torch.tensor([int((h - rows + 1) * p) for p in rpct.tolist()], device=self.dev)
-        c0 = torch.tensor([int((w - cols + 1) * p) for p in cpct.tolist()], device=self.dev)
-        ri = (r0[:, None] + torch.arange(rows, device=self.dev))[:, :, None]
-        ci = (c0[:, None] + torch.arange(cols, device=self.dev))[:, None, :]
+        r0 = [int((h - rows + 1) * p) for p in rpct.tolist()]
+        c0 = [int((w - cols + 1) * p) for p in cpct.tolist()]
+        if len(set(r0)) == 1 and len(set(c0)) == 1:
+            self.x = x[:, :, r0[0]:r0[0] + rows, c0[0]:c0[0] + cols].contiguous()
+            return
+        ri = (torch.tensor(r0, device=self.dev)[:, None] + torch.arange(rows, device=self.dev))[:, :, None]
+        ci = (torch.tensor(c0, device=self.dev)[:, None] + torch.arange(cols, device=self.dev))[:, None, :]
         b = torch.arange(n, device=self.dev)[:, None, None]
         self.x = x.permute(0, 2, 3, 1)[b, ri, ci].permute(0, 3, 1, 2).contiguous()
+
+
+class _Sub:
+    "Take/put of a subset of the items of a gathered batch (same rules as `_Run.take`/`put`)."
+
+    def __init__(self, sel: np.ndarray, dev: Any):
+        self.sel, self.all = sel, bool(sel.all())
+        self.i = None if self.all else _idx(sel, dev)
+
+    def take(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.all else t[self.i]
+
+    def put(self, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.all:
+            return v
+        t[self.i] = v
+        return t
 
 
 def _check_args(size: Any, resize_method: Any, padding_mode: Any, mode: Any) -> None:
