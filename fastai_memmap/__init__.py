@@ -30,3 +30,6 @@ from .distributed import to_memmap_distributed, MemmapDistributedTrainer
 from .sampling import BlockShuffle, BlockShuffleSampler
 from .device import to_float, to_float_tfm, with_to_float, insert_to_float, PrefetchDataLoader
 from .batching import WorkersSlowerWarning
+from .batch_tfms import BatchTfms, BatchAugment, install as _install_batch_tfms
+
+_install_batch_tfms()   # databunch(batch_tfms=...): see fastai_memmap.batch_tfms

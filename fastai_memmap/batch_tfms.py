@@ -686,3 +686,126 @@ def _check_args(size: Any, resize_method: Any, padding_mode: Any, mode: Any) -> 
         raise ArgumentError(f"padding_mode: expected one of {sorted(PAD_MODES)}, found {padding_mode!r:.50}")
     if mode not in ("bilinear", "nearest"):
         raise ArgumentError(f"mode: expected 'bilinear' or 'nearest', found {mode!r:.50}")
+
+
+# ------------------------------------------------------------------------------------------- data bunch hook
+class BatchAugment:
+    """fastai *dl_tfm* running a `BatchTfms` on batches ``(x, y)`` already on the device.
+
+    `x` (uint8 or float ``(B, C, H, W)``) becomes the transformed float32 batch; with `tfm_y`, a
+    mask batch `y` (``(B, 1, H, W)`` codes of `x`'s height and width) gets the same geometric
+    transforms (nearest) and stays int64; any other `y` passes unchanged.
+    """
+
+    def __init__(self, tfms: BatchTfms, tfm_y: bool = False):
+        self.tfms, self.tfm_y = tfms, bool(tfm_y)
+
+    def __repr__(self) -> str:
+        return f"BatchAugment({self.tfms!r}, tfm_y={self.tfm_y})"
+
+    def __call__(self, b: Sequence[Any]) -> Tuple[Any, Any]:
+        x, y = b
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            raise ArgumentError(f"batch_tfms: expected image batches (B, C, H, W), found "
+                                f"{type(x).__name__} of shape {tuple(getattr(x, 'shape', ()))}; images of one "
+                                "batch must share one size (resize them when loading, e.g. load_data(size=))")
+        d = self.tfms.draw(len(x))
+        out = self.tfms.apply(x, d)
+        if self.tfm_y and isinstance(y, torch.Tensor) and y.dim() == 4 and y.shape[-2:] == x.shape[-2:]:
+            y = self.tfms.apply(y, d, mask=True)
+        return out, y
+
+
+def _insert(dl: Any, hook: BatchAugment) -> None:
+    "Put `hook` in ``dl.tfms`` right after `to_float_tfm` (uint8 batches), else first: always before normalize."
+    from .device import to_float_tfm
+    tfms = [t for t in listify(dl.tfms) if not isinstance(t, BatchAugment)]
+    at = tfms.index(to_float_tfm) + 1 if to_float_tfm in tfms else 0
+    dl.tfms = tfms[:at] + [hook] + tfms[at:]
+
+
+def attach(data: Any, train: BatchTfms, valid: BatchTfms, tfm_y: bool = False) -> Any:
+    """Run `train` on the training loaders (``train_dl``, ``fix_dl``) and `valid` on the others
+    (``valid_dl``, ``single_dl`` for ``predict``, ``test_dl``) of the fastai `DataBunch` `data`.
+
+    Each loader gets a `BatchAugment` after ``to_float_tfm`` and before ``normalize``; an earlier one
+    is replaced. ``learn.export()`` then records `valid` as the validation set's per-item
+    ``tfms``/``tfmargs``, so ``load_learner(...).predict`` applies the validation transforms as
+    fastai does. Returns `data` (changed in place), with ``data.batch_tfms = (train, valid)``.
+    """
+    for dl, eng in ((data.train_dl, train), (data.fix_dl, train), (data.valid_dl, valid),
+                    (getattr(data, "single_dl", None), valid), (data.test_dl, valid)):
+        if dl is not None:
+            _insert(dl, BatchAugment(eng, tfm_y))
+    data.batch_tfms = (train, valid)
+    data.valid_ds._batch_export = (list(valid.plan), {k: v for k, v in valid.tfmargs().items() if v is not None},
+                                   bool(tfm_y))
+    return data
+
+
+_OPTIONS = ("size", "resize_method", "padding_mode", "mode", "mult", "batch_tfm_y", "batch_seed")
+
+
+def _engines(lls: Any, tfms: Any, opts: Dict[str, Any]) -> Tuple[BatchTfms, BatchTfms, bool]:
+    "Validated `(train, valid, tfm_y)` for ``lls.databunch(batch_tfms=tfms, **opts)``."
+    from fastai.vision.data import ImageList, SegmentationLabelList
+    from .images import MemmapSegmentationLabelList
+    if not (is_listy(tfms) and len(tfms) == 2):
+        raise ArgumentTypeError(f"batch_tfms: expected a (train, valid) pair of transform lists, as .transform() "
+                                f"takes (e.g. get_transforms()), found {type(tfms).__name__} {tfms!r:.60}")
+    if not isinstance(lls.train.x, ImageList):
+        raise ArgumentTypeError(f"batch_tfms: expected image lists (ImageList, MemmapImageList, ImageListInMemory), "
+                                f"found {type(lls.train.x).__name__}")
+    for ds in lls.lists:
+        if ds.tfms or ds.tfmargs:
+            raise ArgumentError("batch_tfms: expected no per-item transforms, found .transform() already applied; "
+                                "use one of .transform(tfms, size=...) (per item) or databunch(batch_tfms=...)")
+    tfm_y = opts.pop("batch_tfm_y", None)
+    if tfm_y is None:
+        tfm_y = isinstance(lls.train.y, (SegmentationLabelList, MemmapSegmentationLabelList))
+    seed = opts.pop("batch_seed", None)
+    train = BatchTfms(tfms[0], seed=seed, **opts)
+    valid = BatchTfms(tfms[1], seed=None if seed is None else seed + 1, **opts)
+    return train, valid, bool(tfm_y)
+
+
+_PATCHED: Dict[str, Any] = {}
+
+
+def _databunch(self: Any, *args: Any, **kwargs: Any) -> Any:
+    "`LabelLists.databunch`, plus ``batch_tfms=(train, valid)`` with ``size``, ``resize_method``, ``padding_mode``."
+    if kwargs.get("batch_tfms") is None:
+        kwargs.pop("batch_tfms", None)
+        return _PATCHED["databunch"](self, *args, **kwargs)
+    tfms = kwargs.pop("batch_tfms")
+    opts = {k: kwargs.pop(k) for k in _OPTIONS if k in kwargs}
+    train, valid, tfm_y = _engines(self, tfms, opts)
+    for ds in self.lists:   # uint8 batches where the list can deliver them: 4x fewer bytes, equal values
+        if hasattr(ds.x, "uint8"):
+            ds.x.uint8 = True
+    return attach(_PATCHED["databunch"](self, *args, **kwargs), train, valid, tfm_y)
+
+
+def _get_state(self: Any, **kwargs: Any) -> Dict[str, Any]:
+    "`LabelList.get_state`; a validation set of ``databunch(batch_tfms=...)`` exports its batch tfms as per-item tfms."
+    state = _PATCHED["get_state"](self, **kwargs)
+    ex = getattr(self, "_batch_export", None)
+    if ex is not None:
+        tfms, args, tfm_y = ex
+        state.update(tfms=tfms, tfmargs=dict(args))
+        if tfm_y:
+            state.update(tfm_y=True, tfms_y=[t for t in tfms if getattr(t, "use_on_y", True)], tfmargs_y=dict(args))
+    return state
+
+
+def install() -> None:
+    """Add ``batch_tfms=`` to fastai's ``LabelLists.databunch`` and its export to ``LabelList.get_state``.
+
+    Idempotent; calls without ``batch_tfms`` behave exactly as before. fastai_memmap's ``__init__``
+    calls it once.
+    """
+    from fastai.data_block import LabelList, LabelLists
+    if "databunch" not in _PATCHED:
+        _PATCHED["databunch"], _PATCHED["get_state"] = LabelLists.databunch, LabelList.get_state
+        _databunch.__wrapped__, _get_state.__wrapped__ = _PATCHED["databunch"], _PATCHED["get_state"]
+        LabelLists.databunch, LabelList.get_state = _databunch, _get_state
