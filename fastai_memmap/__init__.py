@@ -35,7 +35,7 @@ _NAMES = {
              "RaggedCollate", "RaggedDataBunch", "RaggedItem", "RaggedItemList", "RowIndex", "SparseItem",
              "SparseItemList", "SparseLinear", "WorkersSlowerWarning", "insert_to_float", "pad_ragged", "sparse_batch",
              "to_float", "to_float_tfm", "to_memmap_distributed", "with_to_float"],
-    "vision": ["ImageListInMemory", "MemmapImageList", "MemmapSegmentationLabelList", "SegmentationItemListInMemory",
+    "vision": ["BatchAugment", "BatchTfms", "ImageListInMemory", "MemmapImageList", "MemmapSegmentationLabelList", "SegmentationItemListInMemory",
                "images_to_memmap", "preload", "unload"],
     "tabular": ["MemmapTabularList", "tabular_to_memmap"],
     "text": ["LMStream", "MemmapLMDataBunch", "MemmapTextList", "import_fastai_text", "texts_to_memmap"],

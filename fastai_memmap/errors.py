@@ -20,6 +20,7 @@ __all__ = [
     "TabularError", "ColumnNotFoundError", "ColumnTypeError", "ColumnValueError", "SourceNotFoundError",
     "ArgumentError", "ArgumentTypeError", "WriterStateError", "LossyCastError", "NotAStoreError", "OverlapError",
     "StoreIOError", "UnverifiedStoreError", "CheckpointMismatchError", "CheckpointFormatError",
+    "UnsupportedTransformError",
 ]
 
 
@@ -180,3 +181,8 @@ class CheckpointMismatchError(MemmapError, ValueError):
 
 class CheckpointFormatError(FormatError):
     "A training checkpoint file is not one `fastai_memmap.Checkpoint` wrote, or is of an unknown version."
+
+
+class UnsupportedTransformError(MemmapError, ValueError):
+    """A transform given as ``batch_tfms=`` that the batch path cannot apply (named in the message), or an
+    order or probability that would give items of one batch different sizes: use per-item ``.transform()``."""

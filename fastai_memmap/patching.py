@@ -59,6 +59,8 @@ def _remove_finder() -> None:
 def _apply() -> None:
     from .data import compat   # the fastai layer; importing it applies the fixes
     compat.apply()
+    from .vision import batch_tfms   # databunch(batch_tfms=...) on every LabelLists, fastai's own included
+    batch_tfms.install()
 
 
 def installed() -> bool:

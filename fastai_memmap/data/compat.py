@@ -279,9 +279,15 @@ class FastaiDefaultWorkers(int):
         return (int, (int(self),))
 
 
+def _unwrapped(f: Callable) -> Callable:
+    while hasattr(f, "__wrapped__"):
+        f = f.__wrapped__
+    return f
+
+
 def _patch_databunch_workers() -> Patch:
     data_block = sys.modules["fastai.data_block"]
-    f = data_block.LabelLists.databunch
+    f = _unwrapped(data_block.LabelLists.databunch)   # fastai's own, under any wrapper (vision.batch_tfms)
     names = f.__code__.co_varnames[:f.__code__.co_argcount]
     k = names.index("num_workers") - (len(names) - len(f.__defaults__))
     if not isinstance(f.__defaults__[k], FastaiDefaultWorkers):
@@ -647,7 +653,7 @@ def applied() -> bool:
     if not all(name in modules for name in _FASTAI_MODULES):
         return False
     checks = [isinstance(vars(modules[name])["torch"], _ModuleProxy) for name in _TORCH_LOAD_MODULES]
-    workers = modules["fastai.data_block"].LabelLists.databunch.__defaults__
+    workers = _unwrapped(modules["fastai.data_block"].LabelLists.databunch).__defaults__
     checks += [any(isinstance(v, FastaiDefaultWorkers) for v in workers),
                modules["fastai.vision.transform"]._solve_func is solve_legacy,
                _is_ours(torch.utils.data.DataLoader.__init__),
