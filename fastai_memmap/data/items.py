@@ -5,7 +5,7 @@ splitting, filtering and pickling for DataLoader workers move indices, and every
 from the page cache through its own map of the same files.
 """
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -132,13 +132,19 @@ class MemmapItem(ItemBase):
         return f"{tuple(d.shape)} mean={d.float().mean():.4g}"
 
     def show(self, ax=None, title: Optional[str] = None, figsize=(3, 3), **kwargs) -> Any:
-        "Plot the row: 1-d as a line, 2-d as a grayscale image, 3-d (CHW or HWC) as an image."
+        """Plot the row: 1-d as a line; 2-d ``(C, L)`` signals with a few channels (C <= `MAX_SIGNAL_CHANNELS`,
+        L >= 4 C) as C lines; other 2-d rows as a grayscale image; 3-d (CHW or HWC) as an image."""
         import matplotlib.pyplot as plt
         if ax is None:
             _, ax = plt.subplots(figsize=figsize)
         t = self.data.detach().cpu().float()
         if t.ndim <= 1:
             ax.plot(t.reshape(-1).numpy(), **kwargs)
+        elif is_signal(tuple(t.shape)):
+            for c, line in enumerate(t.numpy()):
+                ax.plot(line, label=f"channel {c}", **kwargs)
+            if len(t) > 1:
+                ax.legend(fontsize="small")
         else:
             img = t.numpy()
             if img.ndim == 3 and img.shape[0] in (1, 3, 4) and img.shape[-1] not in (1, 3, 4):
@@ -316,13 +322,23 @@ class MemmapItemList(ItemList):
             x.show(ax=ax, title=f"{y}\n{z}", **kwargs)
 
 
+# a 2-d row (C, L) is drawn as C lines (a multichannel signal) up to this many channels, else as an image
+MAX_SIGNAL_CHANNELS = 16
+
+
+def is_signal(shape: Tuple[int, ...]) -> bool:
+    "True if a row of `shape` reads as a 1-d signal with channels ``(C, L)``: few channels, much longer than wide."
+    return len(shape) == 2 and 1 <= shape[0] <= MAX_SIGNAL_CHANNELS and shape[1] >= 4 * shape[0]
+
+
 def _axes(n: int, imgsize: int, figsize) -> list:
+    "Exactly `n` axes on a near-square grid (the grid's unused cells get no axes at all)."
     import matplotlib.pyplot as plt
     cols = int(np.ceil(np.sqrt(max(n, 1))))
     rows = int(np.ceil(max(n, 1) / cols))
     fig, axs = plt.subplots(rows, cols, figsize=figsize or (imgsize * cols, imgsize * rows), squeeze=False)
     axs = list(axs.flatten())
     for ax in axs[n:]:
-        ax.axis("off")
+        fig.delaxes(ax)
     fig.tight_layout()
     return axs[:n]
