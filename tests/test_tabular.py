@@ -146,7 +146,7 @@ def test_even_count_median_and_float_categories(tmp_path):
 
 def test_multi_pass_median_matches_pandas(table, tmp_path, monkeypatch):
     "A tiny selection budget forces the radix histogram passes over the staged values: still pandas' median."
-    from fastai_memmap.tabular.item_list import convert as records
+    from fastai_memmap.tabular import convert as records   # the module that reads both constants
     monkeypatch.setattr(records, "MIN_SELECT_BUDGET", 1)
     monkeypatch.setattr(records, "STATS_BLOCK_ROWS", 97)
     df = table.assign(d=np.round(table.d, 1))        # many duplicates

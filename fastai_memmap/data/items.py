@@ -54,7 +54,7 @@ def _list_class(cls: type, store: Any) -> type:
     try:
         return _LIST_CLASSES[kind]
     except KeyError:
-        raise ArgumentError(f"{store.path}: no item list is registered for stores of kind {kind!r} "
+        raise ArgumentError(f"{store.where}: no item list is registered for stores of kind {kind!r} "
                             f"(registered: {sorted(_LIST_CLASSES)}); import fastai_memmap.data") from None
 
 
@@ -182,7 +182,7 @@ class MemmapProcessor(PreProcessor):
             return
         if tuple(store.item_shape) != self.item_shape or store.dtype.str != self.dtype:
             raise ShardMismatchError(
-                f"{store.path}: expected rows of {describe(np.dtype(self.dtype), self.item_shape)} "
+                f"{store.where}: expected rows of {describe(np.dtype(self.dtype), self.item_shape)} "
                 f"(as in the training store), found {describe(store.dtype, store.item_shape)}")
 
     def process_one(self, item: Any) -> Any:
@@ -235,14 +235,14 @@ class MemmapItemList(ItemList):
         store = as_store(path)
         cls = _list_class(cls, store)
         if store.dtype.kind == "c":   # items are float32 tensors: the imaginary part would be dropped
-            raise UnsupportedDtypeError(f"{store.path}: expected a real dtype for {cls.__name__} (items are float32 "
+            raise UnsupportedDtypeError(f"{store.where}: expected a real dtype for {cls.__name__} (items are float32 "
                                         f"tensors), found {store.dtype}; store the real and imaginary parts as two "
                                         "channels (np.stack([z.real, z.imag], -1))")
         rows = np.arange(len(store), dtype=np.int64) if rows is None else RowIndex(rows, store)
         if len(rows) and (rows.min() < 0 or rows.max() >= len(store)):
-            raise ItemShapeError(f"{store.path}: expected rows in [0, {len(store)}), found {rows.min()}..{rows.max()}")
+            raise ItemShapeError(f"{store.where}: expected rows in [0, {len(store)}), found {rows.min()}..{rows.max()}")
         if inner_df is not None and len(inner_df) != len(rows):
-            raise ItemShapeError(f"{store.path}: expected inner_df with one row per item ({len(rows)}), found {len(inner_df)}")
+            raise ItemShapeError(f"{store.where}: expected inner_df with one row per item ({len(rows)}), found {len(inner_df)}")
         item_path = Path(item_path) if item_path is not None else store.path.parent
         return cls(RowIndex(rows, store), store=store, path=item_path, inner_df=inner_df, **kwargs)
 

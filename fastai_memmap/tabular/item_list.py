@@ -83,7 +83,7 @@ class TabularStore:
 def _open_sub(path: Path, name: str, rows: Optional[int], dtype: Any, shape: Optional[tuple]) -> MemmapArray:
     a = MemmapArray.open(path / name)
     if (rows is not None and len(a) != rows) or a.dtype != np.dtype(dtype) or (shape is not None and a.item_shape != shape):
-        raise FormatError(f"{a.path}: expected {rows if rows is not None else 'any number of'} rows of "
+        raise FormatError(f"{a.where}: expected {rows if rows is not None else 'any number of'} rows of "
                           f"{shape if shape is not None else '(any shape)'} {np.dtype(dtype).name} as in "
                           f"{path / 'tabular.json'}, found {len(a)} rows of {a.item_shape} {a.dtype.name}")
     return a
@@ -274,7 +274,7 @@ class MemmapTabularList(ItemList):
             else:
                 label_cls = label_cls or MemmapFloatList
         if len(ystore) < len(s):
-            raise ItemShapeError(f"{ystore.path}: expected at least {len(s)} label rows, found {len(ystore)}")
+            raise ItemShapeError(f"{ystore.where}: expected at least {len(s)} label rows, found {len(ystore)}")
         y = label_cls(RowIndex(np.asarray(self.items), ystore), store=ystore, classes=classes, path=self.path, **kwargs)
         return self._label_list(x=self, y=y)
 
