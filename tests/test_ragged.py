@@ -187,7 +187,7 @@ def test_bad_items_refused_and_nothing_written(tmp_path, call, match):
 
 
 def test_unknown_kind_refused(tmp_path):
-    with pytest.raises(ValueError, match="expected 'dense', 'ragged' or 'sparse'"):
+    with pytest.raises(ValueError, match="expected one of 'dense', 'ragged', 'sparse', found 'jagged'"):
         MemmapWriter(tmp_path / "x", "f4", kind="jagged")
     with pytest.raises(ValueError, match="expected 'dense', 'ragged' or 'sparse'"):
         save_memmap(tmp_path / "x", [np.zeros(2)], kind="jagged")
