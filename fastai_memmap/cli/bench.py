@@ -710,9 +710,13 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> Dict[str,
             "table": format_table(results, rts)}
 
 
+# the --help text: the module docstring's first paragraph, in plain text (no reST markup)
+DESCRIPTION = "fastai-memmap bench: loader throughput of this package against the usual alternatives, side by side."
+
+
 def build_parser() -> argparse.ArgumentParser:
     "Arguments of ``fastai-memmap bench``."
-    p = argparse.ArgumentParser(prog="fastai-memmap bench", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="fastai-memmap bench", description=DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small sizes and 2 repeats: about a minute")
     p.add_argument("--json", metavar="PATH", help="write config, environment, every measurement and ratios here")
@@ -725,7 +729,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-w1", action="store_true", help="skip workload 1 (rows)")
     p.add_argument("--no-w2", action="store_true", help="skip workload 2 (images)")
     p.add_argument("--no-tfms", action="store_true", help="skip the get_transforms() measurements")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed of the synthetic data and orders (default 0)")
     return p
 
 

@@ -5,7 +5,7 @@ splitting, filtering and pickling for DataLoader workers move indices, and every
 from the page cache through its own map of the same files.
 """
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -66,7 +66,7 @@ def _list_class(cls: type, store: Any) -> type:
     try:
         return _LIST_CLASSES[kind]
     except KeyError:
-        raise ArgumentError(f"{store.path}: no item list is registered for stores of kind {kind!r} "
+        raise ArgumentError(f"{store.where}: no item list is registered for stores of kind {kind!r} "
                             f"(registered: {sorted(_LIST_CLASSES)}); import fastai_memmap.data") from None
 
 
@@ -144,13 +144,19 @@ class MemmapItem(ItemBase):
         return f"{tuple(d.shape)} mean={d.float().mean():.4g}"
 
     def show(self, ax=None, title: Optional[str] = None, figsize=(3, 3), **kwargs) -> Any:
-        "Plot the row: 1-d as a line, 2-d as a grayscale image, 3-d (CHW or HWC) as an image."
+        """Plot the row: 1-d as a line; 2-d ``(C, L)`` signals with a few channels (C <= `MAX_SIGNAL_CHANNELS`,
+        L >= 4 C) as C lines; other 2-d rows as a grayscale image; 3-d (CHW or HWC) as an image."""
         import matplotlib.pyplot as plt
         if ax is None:
             _, ax = plt.subplots(figsize=figsize)
         t = self.data.detach().cpu().float()
         if t.ndim <= 1:
             ax.plot(t.reshape(-1).numpy(), **kwargs)
+        elif is_signal(tuple(t.shape)):
+            for c, line in enumerate(t.numpy()):
+                ax.plot(line, label=f"channel {c}", **kwargs)
+            if len(t) > 1:
+                ax.legend(fontsize="small")
         else:
             img = t.numpy()
             if img.ndim == 3 and img.shape[0] in (1, 3, 4) and img.shape[-1] not in (1, 3, 4):
@@ -188,7 +194,7 @@ class MemmapProcessor(PreProcessor):
             return
         if tuple(store.item_shape) != self.item_shape or store.dtype.str != self.dtype:
             raise ShardMismatchError(
-                f"{store.path}: expected rows of {describe(np.dtype(self.dtype), self.item_shape)} "
+                f"{store.where}: expected rows of {describe(np.dtype(self.dtype), self.item_shape)} "
                 f"(as in the training store), found {describe(store.dtype, store.item_shape)}")
 
     def process_one(self, item: Any) -> Any:
@@ -241,14 +247,14 @@ class MemmapItemList(ItemList):
         store = as_store(path)
         cls = _list_class(cls, store)
         if store.dtype.kind == "c":   # items are float32 tensors: the imaginary part would be dropped
-            raise UnsupportedDtypeError(f"{store.path}: expected a real dtype for {cls.__name__} (items are float32 "
+            raise UnsupportedDtypeError(f"{store.where}: expected a real dtype for {cls.__name__} (items are float32 "
                                         f"tensors), found {store.dtype}; store the real and imaginary parts as two "
                                         "channels (np.stack([z.real, z.imag], -1))")
         rows = np.arange(len(store), dtype=np.int64) if rows is None else RowIndex(rows, store)
         if len(rows) and (rows.min() < 0 or rows.max() >= len(store)):
-            raise ItemShapeError(f"{store.path}: expected rows in [0, {len(store)}), found {rows.min()}..{rows.max()}")
+            raise ItemShapeError(f"{store.where}: expected rows in [0, {len(store)}), found {rows.min()}..{rows.max()}")
         if inner_df is not None and len(inner_df) != len(rows):
-            raise ItemShapeError(f"{store.path}: expected inner_df with one row per item ({len(rows)}), found {len(inner_df)}")
+            raise ItemShapeError(f"{store.where}: expected inner_df with one row per item ({len(rows)}), found {len(inner_df)}")
         item_path = Path(item_path) if item_path is not None else store.path.parent
         return cls(RowIndex(rows, store), store=store, path=item_path, inner_df=inner_df, **kwargs)
 
@@ -310,7 +316,7 @@ class MemmapItemList(ItemList):
             raise ArgumentError("Your data isn't split; call a split_* method (split_none for no validation set) first")
         ystore = as_store(path)
         xstore = self._store()
-        check_label_rows(len(xstore), len(ystore), xstore.path, ystore.path, allow_longer)
+        check_label_rows(len(xstore), len(ystore), xstore.where, ystore.where, allow_longer)
         label_cls = self.get_label_cls(ystore, label_cls=label_cls, classes=classes)
         y = label_cls(RowIndex(np.asarray(self.items), ystore), store=ystore, classes=classes,
                       path=self.path, **kwargs)
@@ -329,13 +335,23 @@ class MemmapItemList(ItemList):
             x.show(ax=ax, title=f"{y}\n{z}", **kwargs)
 
 
+# a 2-d row (C, L) is drawn as C lines (a multichannel signal) up to this many channels, else as an image
+MAX_SIGNAL_CHANNELS = 16
+
+
+def is_signal(shape: Tuple[int, ...]) -> bool:
+    "True if a row of `shape` reads as a 1-d signal with channels ``(C, L)``: few channels, much longer than wide."
+    return len(shape) == 2 and 1 <= shape[0] <= MAX_SIGNAL_CHANNELS and shape[1] >= 4 * shape[0]
+
+
 def _axes(n: int, imgsize: int, figsize) -> list:
+    "Exactly `n` axes on a near-square grid (the grid's unused cells get no axes at all)."
     import matplotlib.pyplot as plt
     cols = int(np.ceil(np.sqrt(max(n, 1))))
     rows = int(np.ceil(max(n, 1) / cols))
     fig, axs = plt.subplots(rows, cols, figsize=figsize or (imgsize * cols, imgsize * rows), squeeze=False)
     axs = list(axs.flatten())
     for ax in axs[n:]:
-        ax.axis("off")
+        fig.delaxes(ax)
     fig.tight_layout()
     return axs[:n]

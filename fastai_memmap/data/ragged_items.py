@@ -74,7 +74,7 @@ class RaggedProcessor(PreProcessor):
             return
         if (store.kind, store.dtype.str, tuple(_shape(store))) != (self.kind, self.dtype, self.shape):
             raise ShardMismatchError(
-                f"{store.path}: expected a {self.kind} store of {describe(np.dtype(self.dtype), self.shape)} items "
+                f"{store.where}: expected a {self.kind} store of {describe(np.dtype(self.dtype), self.shape)} items "
                 f"(as in the training store), found a {store.kind} store of {describe(store.dtype, _shape(store))}")
 
     def process_one(self, item: Any) -> Any:
@@ -146,7 +146,7 @@ class RaggedItemList(MemmapItemList):
                  output: Optional[str] = "lengths", **kwargs):
         super().__init__(items, store=store, **kwargs)
         if self.store is not None and self.store.kind != "ragged":
-            raise ItemShapeError(f"{self.store.path}: expected a ragged store for {type(self).__name__}, found "
+            raise ItemShapeError(f"{self.store.where}: expected a ragged store for {type(self).__name__}, found "
                                  f"kind {self.store.kind!r}")
         if output not in PAD_OUTPUTS:
             raise ArgumentError(f"output: expected one of {PAD_OUTPUTS}, found {output!r}")

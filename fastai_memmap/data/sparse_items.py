@@ -69,7 +69,7 @@ class SparseItemList(MemmapItemList):
     def __init__(self, items: Any, store: Optional[Any] = None, output: str = "dense", **kwargs):
         super().__init__(items, store=store, **kwargs)
         if self.store is not None and self.store.kind != "sparse":
-            raise ItemShapeError(f"{self.store.path}: expected a sparse store for {type(self).__name__}, found "
+            raise ItemShapeError(f"{self.store.where}: expected a sparse store for {type(self).__name__}, found "
                                  f"kind {self.store.kind!r}")
         if output not in SPARSE_OUTPUTS:
             raise ArgumentError(f"output: expected one of {SPARSE_OUTPUTS}, found {output!r}")

@@ -2,8 +2,10 @@
 
 fastprogress (a dependency of fastai) draws it in notebooks and terminals; this wrapper adds what
 every caller needs: nothing at all when disabled or when the total is unknown (fastprogress would
-print even then), counts clipped to the total, and an idempotent `close`.
+print even then), counts clipped to the total, an idempotent `close`, and a newline when a console bar
+ends (fastprogress leaves the cursor at the end of the bar line, so the next print was glued to it).
 """
+import sys
 from typing import Optional
 
 __all__ = ["Progress"]
@@ -28,14 +30,20 @@ class Progress:
             self.bar.update(0)
 
     def update(self, done: int) -> None:
-        "Show `done` steps of `total` as done (clipped to `total`)."
+        "Show `done` steps of `total` as done (clipped to `total`); reaching `total` ends the bar."
         if self.bar is not None:
             self.done = min(done, self.total)
             self.bar.update(self.done)
+            if self.done >= self.total:
+                self.close()
 
     def close(self) -> None:
-        "End the bar where it is (idempotent)."
+        "End the bar where it is (idempotent); a console bar's line is ended with a newline."
         if self.bar is not None:
             bar, self.bar = self.bar, None
             if self.done < self.total:   # at the total, fastprogress has closed the bar itself
                 bar.on_iter_end()
+            from fastprogress.fastprogress import ConsoleProgressBar
+            if isinstance(bar, ConsoleProgressBar) and bar.display:
+                sys.stdout.write("\n")
+                sys.stdout.flush()

@@ -235,6 +235,11 @@ class RaggedArray:
         "Paths of every file of every shard (data, offsets[, values]), in row order."
         return [self.path / f for s in self.manifest.shards for f in s.files]
 
+    @property
+    def where(self) -> Path:
+        "What messages and ``fastai-memmap info`` call this store: its directory (same as `path`)."
+        return self.path
+
     def __len__(self) -> int:
         return int(self._starts[-1])
 

@@ -177,12 +177,17 @@ class MemmapArray:
         "Paths of the shard files, in row order."
         return [self.path / s.file for s in self.manifest.shards]
 
+    @property
+    def where(self) -> Path:
+        """What messages and ``fastai-memmap info`` call this store: the ``.npy`` file for a bare array
+        (whose `path` is the folder holding it), else the store directory (same as `path`)."""
+        return self.shard_files[0] if self._bare else self.path
+
     def __len__(self) -> int:
         return int(self._starts[-1])
 
     def __repr__(self) -> str:
-        where = self.shard_files[0] if self._bare else self.path
-        return (f"MemmapArray({str(where)!r}, {describe(self.dtype, self.item_shape, len(self))}, "
+        return (f"MemmapArray({str(self.where)!r}, {describe(self.dtype, self.item_shape, len(self))}, "
                 f"{len(self.manifest.shards)} shard(s))")
 
     # ---------------------------------------------------------------- pickling
@@ -204,7 +209,7 @@ class MemmapArray:
         while the store is open, like any numpy memmap). For readers of other kinds built on dense
         parts; users read rows with indexing or `read`, which copy. Raises ``IndexError`` for a bad `k`."""
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= k < len(self.manifest.shards):
-            raise RowIndexError(f"{self.path}: expected a shard number in [0, {len(self.manifest.shards)}), found {k!r}")
+            raise RowIndexError(f"{self.where}: expected a shard number in [0, {len(self.manifest.shards)}), found {k!r}")
         return self._map(int(k))
 
     def _map(self, k: int) -> np.ndarray:
@@ -380,7 +385,7 @@ class MemmapArray:
         """
         if hint in ACCESS_HINTS:
             if rows is not None:
-                raise ArgumentError(f"{self.path}: access hint {hint!r} applies to whole maps, found rows=...; "
+                raise ArgumentError(f"{self.where}: access hint {hint!r} applies to whole maps, found rows=...; "
                                     "pass rows only with 'willneed', 'populate', 'dontneed' or 'evict'")
             self._access = hint
             for m in self._maps.values():
@@ -415,49 +420,49 @@ class MemmapArray:
             return np.array(row, dtype=self.dtype)   # a copy; a scalar row loses its byte order without dtype
         if isinstance(key, slice):
             if key.step == 0:
-                raise RowIndexError(f"{self.path}: expected a slice step other than 0, found {key!r:.100}")
+                raise RowIndexError(f"{self.where}: expected a slice step other than 0, found {key!r:.100}")
             try:
                 r = range(len(self))[key]   # O(1): never materialise arange(len(self))
             except TypeError:
-                raise RowIndexTypeError(f"{self.path}: expected integer slice bounds, found {key!r:.100}") from None
+                raise RowIndexTypeError(f"{self.where}: expected integer slice bounds, found {key!r:.100}") from None
             return self.read(np.arange(r.start, r.stop, r.step, dtype=np.int64))
         if isinstance(key, tuple):
-            raise RowIndexTypeError(f"{self.path}: expected a row index (int, slice or int array), found a tuple "
+            raise RowIndexTypeError(f"{self.where}: expected a row index (int, slice or int array), found a tuple "
                                     f"{key!r:.100}; index rows first, then the returned array")
         return self.read(key)
 
     def _norm_int(self, i: int) -> int:
         n = len(self)
         if not -n <= i < n:
-            raise RowIndexError(f"{self.path}: row {i} out of range, expected -{n} <= row < {n}")
+            raise RowIndexError(f"{self.where}: row {i} out of range, expected -{n} <= row < {n}")
         return i + n if i < 0 else i
 
     def _norm_indices(self, idx: Any) -> np.ndarray:
         try:
             a = np.asarray(idx)
         except (ValueError, TypeError) as e:   # ragged nested lists
-            raise RowIndexTypeError(f"{self.path}: expected a 1-d sequence of integer row indices, found "
+            raise RowIndexTypeError(f"{self.where}: expected a 1-d sequence of integer row indices, found "
                                     f"{idx!r:.100} ({e})") from None
         if a.dtype == object and a.ndim == 1 and all(type(v) is int for v in a.tolist()):
             bad = [v for v in a.tolist() if not -len(self) <= v < len(self)]
             if bad:   # beyond int64: out of range
-                raise RowIndexError(f"{self.path}: row {bad[0]} out of range, expected -{len(self)} <= row < {len(self)}")
+                raise RowIndexError(f"{self.where}: row {bad[0]} out of range, expected -{len(self)} <= row < {len(self)}")
             a = np.array(a.tolist(), dtype=np.int64)   # valid Python ints in an object array: read them
         if a.dtype == bool:
             if a.shape != (len(self),):
-                raise RowIndexError(f"{self.path}: expected a boolean mask of shape ({len(self)},), found {a.shape}")
+                raise RowIndexError(f"{self.where}: expected a boolean mask of shape ({len(self)},), found {a.shape}")
             return np.flatnonzero(a)
         if a.size == 0:
             return np.zeros(0, np.int64)
         if a.dtype.kind not in "iu":
-            raise RowIndexTypeError(f"{self.path}: expected integer row indices, found dtype {a.dtype}")
+            raise RowIndexTypeError(f"{self.where}: expected integer row indices, found dtype {a.dtype}")
         if a.ndim != 1:
-            raise RowIndexTypeError(f"{self.path}: expected a 1-d array of row indices, found shape {a.shape}")
+            raise RowIndexTypeError(f"{self.where}: expected a 1-d array of row indices, found shape {a.shape}")
         n = len(self)
         lo, hi = int(a.min()), int(a.max())   # before the int64 cast: uint64 >= 2**63 would wrap negative
         if lo < -n or hi >= n:
             bad = lo if lo < -n else hi
-            raise RowIndexError(f"{self.path}: row {bad} out of range, expected -{n} <= row < {n}")
+            raise RowIndexError(f"{self.where}: row {bad} out of range, expected -{n} <= row < {n}")
         a = a.astype(np.int64, copy=False)
         return np.where(a < 0, a + n, a) if lo < 0 else a
 
@@ -477,10 +482,10 @@ class MemmapArray:
         if out is None:
             out = np.empty(shape, self.dtype)
         elif not isinstance(out, np.ndarray):
-            raise RowIndexTypeError(f"{self.path}: expected out a numpy array of shape {shape} {self.dtype}, "
+            raise RowIndexTypeError(f"{self.where}: expected out a numpy array of shape {shape} {self.dtype}, "
                                     f"found {type(out).__name__}")
         elif out.shape != shape or out.dtype != self.dtype or not out.flags.writeable:
-            raise RowIndexError(f"{self.path}: expected out of shape {shape} {self.dtype}, writable, found "
+            raise RowIndexError(f"{self.where}: expected out of shape {shape} {self.dtype}, writable, found "
                                 f"{out.shape} {out.dtype}{'' if out.flags.writeable else ', read-only'}")
         if len(idx) == 0:
             return out
@@ -536,7 +541,7 @@ class MemmapArray:
         TruncatedStoreError, StoreChangedError
             A file's size differs from its header, or the file was replaced since the store was opened.
         """
-        return check_verified(self.shard_files[0] if self._bare else self.path, self._hash_shards(progress),
+        return check_verified(self.where, self._hash_shards(progress),
                               allow_unchecked)
 
     def _hash_shards(self, progress: bool = False) -> List[Dict[str, Any]]:

@@ -228,6 +228,11 @@ class SparseArray:
         "Paths of every file of every shard (indices, offsets[, values])."
         return [self.path / f for s in self.manifest.shards for f in s.files]
 
+    @property
+    def where(self) -> Path:
+        "What messages and ``fastai-memmap info`` call this store: its directory (same as `path`)."
+        return self.path
+
     def __len__(self) -> int:
         return len(self.pattern)
 

@@ -13,6 +13,7 @@ plain data, so an exported learner predicts from a raw row with no store present
     learn = tabular_learner(data, layers=[200, 100], metrics=accuracy)
     learn.predict({"age": 49, "workclass": "Private", ...})   # raw values, processed as in training
 """
+import math
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
@@ -82,7 +83,7 @@ class TabularStore:
 def _open_sub(path: Path, name: str, rows: Optional[int], dtype: Any, shape: Optional[tuple]) -> MemmapArray:
     a = MemmapArray.open(path / name)
     if (rows is not None and len(a) != rows) or a.dtype != np.dtype(dtype) or (shape is not None and a.item_shape != shape):
-        raise FormatError(f"{a.path}: expected {rows if rows is not None else 'any number of'} rows of "
+        raise FormatError(f"{a.where}: expected {rows if rows is not None else 'any number of'} rows of "
                           f"{shape if shape is not None else '(any shape)'} {np.dtype(dtype).name} as in "
                           f"{path / 'tabular.json'}, found {len(a)} rows of {a.item_shape} {a.dtype.name}")
     return a
@@ -273,7 +274,7 @@ class MemmapTabularList(ItemList):
                 label_cls, classes = label_cls or MemmapCategoryList, classes or list(st.y_classes)
             else:
                 label_cls = label_cls or MemmapFloatList
-        check_label_rows(len(s), len(ystore), s.path, ystore.path, allow_longer)
+        check_label_rows(len(s), len(ystore), s.path, ystore.where, allow_longer)
         y = label_cls(RowIndex(np.asarray(self.items), ystore), store=ystore, classes=classes, path=self.path, **kwargs)
         return self._label_list(x=self, y=y)
 
@@ -287,8 +288,22 @@ class MemmapTabularList(ItemList):
             res[n] = float(v * (EPS + st.stds[n]) + st.means[n]) if st.normalize else float(v)
         return res
 
+    def display_decimals(self, name: str) -> int:
+        """Decimals worth showing for continuous column `name` after de-normalising float32 values: those above
+        the float32 rounding error, scaled by the column's std (so 89.000006 shows as 89.0)."""
+        st = self.state
+        scale = (EPS + st.stds[name]) if st.normalize else 1.0
+        err = max(abs(float(scale)), 1e-12) * 2.0 ** -20   # a few float32 ulps of a normalised value
+        return int(max(0, math.ceil(-math.log10(err)) - 1))
+
     def _frame(self, xs: Sequence[TabularLine], **extra: Sequence[Any]) -> pd.DataFrame:
+        "The rows `xs` as the user wrote them: categories as strings, continuous values de-normalised and rounded."
         df = pd.DataFrame([self.decode(x.cats, x.conts) for x in xs], columns=self.col_names)
+        for n in self.cat_names:
+            df[n] = df[n].map(str)
+        for n in self.cont_names:
+            d = self.display_decimals(n)   # then as text: pandas would pad every value to the longest decimals
+            df[n] = [str(round(v, d)) for v in df[n]]
         for k, v in extra.items():
             df[k] = [str(o) for o in v]
         return df

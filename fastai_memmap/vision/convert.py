@@ -265,18 +265,23 @@ def _pool_context():
 
 
 def run_chunks(task: Callable, jobs: Sequence[Any], spec: DecodeSpec, workers: int, progress: bool = True,
-               ordered: bool = False, label: str = "") -> Iterator[Tuple[int, Any]]:
+               ordered: bool = False, label: str = "", sizes: Optional[Sequence[int]] = None) -> Iterator[Tuple[int, Any]]:
     """Run ``task(job, spec)`` for every job; yield ``(job_number, result)``.
+
+    The progress bar counts ``sizes[k]`` units (e.g. images) for job ``k`` (default: 1 per job), so it
+    shows the unit the user knows, named in `label`.
 
     In order if `ordered`, else as they complete. ``workers <= 1`` runs in this process. At most
     ``2 * workers`` jobs are in flight, so results a slow consumer has not taken yet stay bounded.
     An exception in a task propagates (pending jobs are cancelled).
     """
-    bar = Progress(len(jobs), progress, label)
+    units = np.ones(len(jobs), np.int64) if sizes is None else np.asarray(sizes, np.int64)
+    bar, counted = Progress(int(units.sum()), progress, label), 0
     if workers <= 1 or len(jobs) <= 1:
         for k, job in enumerate(jobs):
             res = task(job, spec)
-            bar.update(k + 1)
+            counted += int(units[k])
+            bar.update(counted)
             yield k, res
         return
     with ProcessPoolExecutor(workers, mp_context=_pool_context(), initializer=_init_worker, initargs=(spec,)) as ex:
@@ -296,7 +301,8 @@ def run_chunks(task: Callable, jobs: Sequence[Any], spec: DecodeSpec, workers: i
                     res = done.pop(k)
                     next_yield += ordered
                     finished += 1
-                    bar.update(finished)
+                    counted += int(units[k])
+                    bar.update(counted)
                     yield k, res
         finally:
             for fut in pending:
@@ -320,7 +326,8 @@ def plan_shapes(paths: Sequence[str], spec: DecodeSpec, workers: int, progress: 
     shapes, errors = np.zeros((n, 3), np.int64), []
     bounds = chunk_bounds(n, workers)
     jobs = [list(paths[a:b]) for a, b in bounds]
-    for k, (sh, errs) in run_chunks(_shapes_task, jobs, spec, workers, progress, label="reading headers"):
+    for k, (sh, errs) in run_chunks(_shapes_task, jobs, spec, workers, progress, label="image headers read",
+                                     sizes=[b - a for a, b in bounds]):
         a = bounds[k][0]
         shapes[a:a + len(sh)] = sh
         for i, msg in errs:
@@ -544,7 +551,7 @@ def _write_pixels(wr: MemmapWriter, paths: List[str], keep: np.ndarray, spec: De
     jobs = [([paths[i] for i in idx[a:b]], wr.item_shape) for a, b in bounds]
     kept = np.zeros(len(paths), bool)
     for k, (pixels, ok, errs) in run_chunks(_decode_task, jobs, spec, workers, progress, ordered=True,
-                                            label="decoding"):
+                                            label="images decoded", sizes=[b - a for a, b in bounds]):
         rows = idx[bounds[k][0]:bounds[k][1]]
         for i, msg in errs:
             if on_error == "raise":

@@ -53,7 +53,7 @@ from ..store.reader import MemmapArray
 from ..store.shm import SharedBuffer
 from ..store.writer import MemmapWriter
 
-__all__ = ["PixelBuffer", "ImageListInMemory", "SegmentationItemListInMemory", "SegmentationLabelListInMemory",
+__all__ = ["NotLoadedWarning", "PixelBuffer", "ImageListInMemory", "SegmentationItemListInMemory", "SegmentationLabelListInMemory",
            "LabelListInMemory", "ItemListsInMemory", "LabelListsInMemory", "ImageDataBunchInMemory",
            "preload", "unload", "write_cache", "check_memory", "MEMORY_FRACTION", "MAX_PAD_RATIO"]
 
@@ -192,6 +192,14 @@ class PixelBuffer:
 
 
 # ------------------------------------------------------------------------------------------- item lists
+class NotLoadedWarning(UserWarning):
+    """An in-memory image list is read from disk, item by item, because ``load_data()`` was never called.
+
+    Issued with `warnings.warn` once per list object and process (a DataLoader worker that reads such
+    a list may issue its own); silence it with ``warnings.simplefilter("ignore", NotLoadedWarning)``.
+    """
+
+
 class _InMemoryMixin:
     "What the image and the mask lists share: the `pixels` handle, `load_data`, `purge`, `loaded`, `nbytes`."
     _kind = "image"
@@ -202,6 +210,7 @@ class _InMemoryMixin:
         self.copy_new.append("pixels")
         self._label_list, self._split = LabelListInMemory, ItemListsInMemory
         self._spec_warned = False
+        self._disk_warned = False   # NotLoadedWarning issued by this list (in this process)
         self._slot_cache = None   # (items, weakref to the buffer, slot of each item): built on first get, per process
 
     def __getstate__(self) -> Dict[str, Any]:
@@ -282,6 +291,7 @@ class _InMemoryMixin:
         "Item `i` from RAM if loaded, else from its file."
         a = self._pixels_at(i)
         if a is None:
+            self._warn_not_loaded()
             return super().get(i)
         res = self._from_pixels(a)
         self.sizes[i] = res.size
@@ -291,6 +301,15 @@ class _InMemoryMixin:
         "Open `fn` from RAM if loaded, else from disk."
         a = self._pixels_for(fn)
         return super().open(fn) if a is None else self._from_pixels(a)
+
+    def _warn_not_loaded(self) -> None:
+        "Issue `NotLoadedWarning` once for this list if it was never loaded (no buffer at all)."
+        if self.pixels is None and not getattr(self, "_disk_warned", False):
+            self._disk_warned = True
+            warnings.warn(f"{type(self).__name__} of {len(self.items)} items: expected the images decoded in RAM, "
+                          "found no buffer, so every image is read and decoded from disk on each access; call "
+                          ".load_data() on the list (before splitting and labelling) to decode them once",
+                          NotLoadedWarning, stacklevel=3)
 
     @property
     def loaded(self) -> bool:
@@ -625,7 +644,8 @@ def _decode(keys: np.ndarray, spec: DecodeSpec, old: Optional[PixelBuffer], work
         bounds = chunk_bounds(len(todo), w)
         jobs = [(str(buf.shared.path), off[todo[a:b]], shapes[todo[a:b]], [paths[i] for i in todo[a:b]])
                 for a, b in bounds]
-        for k, errors in run_chunks(decode_into_task, jobs, spec, w, progress, label="decoding"):
+        for k, errors in run_chunks(decode_into_task, jobs, spec, w, progress, label="images decoded",
+                                    sizes=[b - a for a, b in bounds]):
             for i, msg in errors:
                 raise ImageReadError(f"{jobs[k][3][i]}: cannot read image ({msg}); {fix}")
     except BaseException:
