@@ -25,9 +25,12 @@ __all__ = ["RowIndex", "MemmapItem", "MemmapProcessor", "MemmapItemList", "as_st
 PathOrStore = Union[str, Path, MemmapArray]
 
 
+STORE_CLASSES = (MemmapArray, RaggedArray, SparseArray)   # an open store of any kind
+
+
 def as_store(path: PathOrStore) -> MemmapArray:
     "`path` if it is already an open store (dense, ragged or sparse), else ``MemmapArray.open(path)`` (raises its errors)."
-    return path if isinstance(path, (MemmapArray, RaggedArray, SparseArray)) else MemmapArray.open(path)
+    return path if isinstance(path, STORE_CLASSES) else MemmapArray.open(path)
 
 
 _LIST_CLASSES: Dict[str, type] = {}          # store kind -> item list class; filled by ragged_items, sparse_items
@@ -291,7 +294,7 @@ class MemmapItemList(ItemList):
         float → `MemmapFloatList`; `MemmapImageList` adds segmentation masks); else fastai's choice."""
         if label_cls is not None:
             return label_cls
-        if isinstance(labels, (MemmapArray, RaggedArray, SparseArray)):
+        if isinstance(labels, STORE_CLASSES):
             for rule in _LABEL_RULES:
                 found = rule(labels, classes, self)
                 if found is not None:
