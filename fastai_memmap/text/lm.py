@@ -127,10 +127,10 @@ def lm_vocab(vocab: Any, store: Any) -> Any:
     if vocab is None:
         vocab = store.meta.get("itos", store.meta.get("vocab_size"))
     if vocab is None:
-        raise ArgumentError(f"{store.path}: expected a vocab (Vocab, itos list or size), or 'itos' / 'vocab_size' "
+        raise ArgumentError(f"{store.where}: expected a vocab (Vocab, itos list or size), or 'itos' / 'vocab_size' "
                             "in the store's meta; found none")
     if isinstance(vocab, (bool, np.bool_)) or isinstance(vocab, (int, np.integer)) and vocab < 1:
-        raise ArgumentError(f"{store.path}: expected a vocab size >= 1, found {vocab!r}")
+        raise ArgumentError(f"{store.where}: expected a vocab size >= 1, found {vocab!r}")
     itos = [str(i) for i in range(vocab)] if isinstance(vocab, (int, np.integer)) else [str(t) for t in vocab]
     return import_fastai_text().Vocab(itos)
 
@@ -165,17 +165,17 @@ class LMStream(Callback):
                                  f"(trailing shape ()), found {store!r:.200}")
         for name, v in (("bs", bs), ("bptt", bptt)):
             if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
-                raise ArgumentTypeError(f"{store.path}: expected {name} to be an int >= 1, found {v!r:.100}")
+                raise ArgumentTypeError(f"{store.where}: expected {name} to be an int >= 1, found {v!r:.100}")
         if bs < 1 or bptt < 1:
-            raise ArgumentError(f"{store.path}: expected bs >= 1 and bptt >= 1, found bs={bs}, bptt={bptt}")
+            raise ArgumentError(f"{store.where}: expected bs >= 1 and bptt >= 1, found bs={bs}, bptt={bptt}")
         self.store, self.bs, self.bptt, self.shuffle, self.backwards = store, int(bs), int(bptt), shuffle, backwards
         self.vocab_size = vocab_size
-        self.rows = np.arange(len(store), dtype=np.int64) if rows is None else norm_rows(rows, len(store), store.path)[1]
+        self.rows = np.arange(len(store), dtype=np.int64) if rows is None else norm_rows(rows, len(store), store.where)[1]
         self.lengths, self.doc_starts = store.lengths(self.rows), store.starts(self.rows)
         self.total = int(self.lengths.sum())
         self.stream_len = self.total // self.bs
         if self.stream_len < 2:
-            raise ItemShapeError(f"{store.path}: expected at least 2 tokens per stream (2 * bs = {2 * self.bs} tokens) "
+            raise ItemShapeError(f"{store.where}: expected at least 2 tokens per stream (2 * bs = {2 * self.bs} tokens) "
                                  f"in {len(self.rows)} documents, found {self.total}; lower bs")
         self.n_batches = -(-(self.stream_len - 1) // self.bptt)
         self.set_order(np.arange(len(self.rows)))
@@ -205,7 +205,7 @@ class LMStream(Callback):
         t = self.store.elements.read(self.doc_starts[self.order[i]] + (p - self._cum[i])).astype(np.int64)
         if self.vocab_size is not None and len(t) and (int(t.min()) < 0 or int(t.max()) >= self.vocab_size):
             bad = int(t[(t < 0) | (t >= self.vocab_size)][0])
-            raise TokenIdError(f"{self.store.path}: expected token ids in [0, {self.vocab_size}) (the vocab), "
+            raise TokenIdError(f"{self.store.where}: expected token ids in [0, {self.vocab_size}) (the vocab), "
                                f"found {bad}; vocab and store do not match")
         return t.reshape(np.shape(positions))
 
@@ -213,10 +213,10 @@ class LMStream(Callback):
         "Rows `indices` of one batch as a `Collated` ``[x, y]`` of int64 tensors ``(len(indices), sl)``."
         k = np.asarray(indices, np.int64)
         if len(k) == 0 or k.min() < 0 or k.max() >= len(self):
-            raise RowIndexError(f"{self.store.path}: expected stream items in [0, {len(self)}), found {k!r:.100}")
+            raise RowIndexError(f"{self.store.where}: expected stream items in [0, {len(self)}), found {k!r:.100}")
         b, j = k // self.bs, k % self.bs
         if (b != b[0]).any():
-            raise ArgumentError(f"{self.store.path}: expected the rows of one batch (a loader with batch_size={self.bs}, "
+            raise ArgumentError(f"{self.store.where}: expected the rows of one batch (a loader with batch_size={self.bs}, "
                              f"shuffle=False), found items of batches {np.unique(b)[:5].tolist()}")
         sl = min(self.bptt, self.stream_len - 1 - int(b[0]) * self.bptt)
         pos = (j * self.stream_len + int(b[0]) * self.bptt)[:, None] + np.arange(sl + 1)
@@ -275,10 +275,10 @@ class MemmapLMDataBunch(DataBunch):
             perm = np.random.default_rng(seed).permutation(n)
             valid_rows = np.sort(perm[:int(valid_pct * n)])
             if not len(valid_rows):
-                raise ArgumentError(f"{store.path}: expected valid_pct to select at least one of the {n} documents "
+                raise ArgumentError(f"{store.where}: expected valid_pct to select at least one of the {n} documents "
                                     f"for validation, found valid_pct={valid_pct!r} selecting none; raise it or "
                                     "pass valid_rows")
-        valid_rows = norm_rows(valid_rows, n, store.path)[1]
+        valid_rows = norm_rows(valid_rows, n, store.where)[1]
         train_rows = np.setdiff1d(np.arange(n, dtype=np.int64), valid_rows)
         kw = dict(bptt=bptt, backwards=backwards, vocab_size=len(vocab.itos))
         train = LMStream(store, train_rows, bs=bs, shuffle=True, **kw)
