@@ -241,20 +241,15 @@ def _coeffs(orig: np.ndarray, targ: np.ndarray) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------- pixel ops
-def _logit_(x: torch.Tensor) -> torch.Tensor:
-    "fastai's in-place ``logit_`` (clamp to [1e-7, 1 - 1e-7], then ``-log(1/x - 1)``)."
-    x.clamp_(LOGIT_EPS, 1 - LOGIT_EPS)
-    return x.reciprocal_().sub_(1).log_().neg_()
-
-
 def _brightness(d: Drawn, n: int) -> Tuple[np.ndarray, np.ndarray]:
     "``(add, mul)`` per item in logit space: fastai's ``x.add_(logit(change))``."
-    return np.asarray(torch.logit(torch.from_numpy(np.asarray(d.get("change", n), dtype=np.float64))), dtype=np.float32), np.ones(n, np.float32)
+    change = np.asarray(d.get("change", n), dtype=np.float64)
+    return np.log(change) - np.log1p(-change), np.ones(n)
 
 
 def _contrast(d: Drawn, n: int) -> Tuple[np.ndarray, np.ndarray]:
     "``(add, mul)`` per item in logit space: fastai's ``x.mul_(scale)``."
-    return np.zeros(n, np.float32), np.asarray(d.get("scale", n), np.float32)
+    return np.zeros(n), np.asarray(d.get("scale", n), np.float64)
 
 
 def _flip_lr(x: torch.Tensor, d: Drawn, n: int, R: np.ndarray) -> torch.Tensor:
@@ -345,26 +340,35 @@ def _grid(M: np.ndarray, h: int, w: int, device: Any, projective: bool) -> torch
 
     One matrix per item stands for fastai's chain of coordinate transforms (homographies, each
     normalized, i.e. a product of matrices) and ``_affine_mult``: evaluated from the separable
-    base grid, it costs a few passes over the grid instead of a batched matmul per transform."""
+    base grid straight into the x and y planes of the result, it costs a few passes over the grid
+    instead of a batched matmul per transform."""
     g = _affine_grid(h, w, device)[0]
     X, Y = g[0, :, 0].view(1, 1, w), g[:, 0, 1].view(1, h, 1)
     m = torch.from_numpy(M.astype(np.float32)).to(device).view(-1, 3, 3, 1, 1)
+    out = torch.empty(len(M), h, w, 2, device=device)
+    gx, gy = out[..., 0], out[..., 1]
 
-    def row(r: int) -> torch.Tensor:
-        return torch.addcmul(m[:, r, 2] + m[:, r, 1] * Y, m[:, r, 0], X)
-    gx, gy = row(0), row(1)
+    def row(r: int, into: Optional[torch.Tensor] = None) -> torch.Tensor:
+        base = m[:, r, 2] + m[:, r, 1] * Y
+        return torch.addcmul(base, m[:, r, 0], X) if into is None else torch.addcmul(base, m[:, r, 0], X, out=into)
+    row(0, gx)
+    row(1, gy)
     if projective:
-        inv = row(2).reciprocal_()
-        gx, gy = gx.mul_(inv), gy.mul_(inv)
-    return torch.stack([gx, gy], -1)
+        inv = row(2).reciprocal_().unsqueeze(-1)
+        out.mul_(inv)
+    return out
 
 
 def _reflect_(g: torch.Tensor) -> torch.Tensor:
     """Grid coordinates reflected into [-1, 1] in place, as ``grid_sample(padding_mode='reflection',
     align_corners=True)`` reflects them: sampling the result with ``'border'`` gives the same pixels (up to
-    float32 rounding), 2-3x faster on CPU than the reflection kernel. Coordinates in [-3, 3] take the
-    one-fold formula ``1 - |2 - |g + 1||``; others the general ``reflect_coordinates``."""
-    if float(g.abs().max()) <= 3:
+    float32 rounding), 2-3x faster on CPU than the reflection kernel. A grid inside [-1, 1] is returned
+    as it is; coordinates in [-3, 3] take the one-fold formula ``1 - |2 - |g + 1||``; others the
+    general ``reflect_coordinates``."""
+    top = float(g.abs().max())
+    if top <= 1:
+        return g
+    if top <= 3:
         return g.add_(1).abs_().sub_(2).abs_().neg_().add_(1)
     t = (g + 1).abs_()
     odd = torch.fmod(torch.floor(t / 2), 2) == 1
@@ -494,7 +498,7 @@ class _Run:
         self.flow_set = np.full(self.n, resized)
         self.aff_set = np.zeros(self.n, bool)
         self.projective = False
-        self.in_logit = np.zeros(self.n, bool)
+        self.light: Optional[Tuple[np.ndarray, np.ndarray]] = None   # pending lighting: (mul, add) per item
         self.sampled, self.owned = False, owned
 
     def take(self, t: torch.Tensor, sel: np.ndarray) -> torch.Tensor:
@@ -597,26 +601,30 @@ class _Run:
         self.x, self.owned = out, True
 
     def _lighting(self, rt: RandTransform, d: Drawn) -> None:
-        """fastai's ``Image.lighting``: the logit of the pixels, then ``add`` and ``mul`` per item.
+        """fastai's ``Image.lighting``: in logit space, ``add`` then ``mul`` per item.
 
-        The whole batch enters logit space at the first lighting transform that runs on any item; items
-        whose transform does not run get ``+ 0`` and ``* 1`` (exact). An item on which no lighting runs at
-        all makes the logit/sigmoid round trip fastai skips: within 1e-6 of its pixels."""
-        if not self.in_logit.any():
-            self.x = _logit_(self.x if self.owned else self.x.clone())
-            self.owned, self.in_logit[:] = True, True
+        The transforms of a batch compose into one per-item map of the logits, ``x * mul + add``
+        (float64 coefficients), applied when the batch leaves logit space (`_sigmoid`): one logit, two
+        passes and one sigmoid whatever the number of lighting transforms. Items whose transform does not
+        run get ``+ 0`` and ``* 1`` (exact). An item on which no lighting runs at all makes the
+        logit/sigmoid round trip fastai skips: within 1e-6 of its pixels."""
         add, mul = LIGHTING[rt.tfm](d, self.n)
-        add, mul = np.where(d.run, add, 0).astype(np.float32), np.where(d.run, mul, 1).astype(np.float32)
-        if add.any():
-            self.x.add_(torch.from_numpy(add).to(self.dev).view(-1, 1, 1, 1))
-        if (mul != 1).any():
-            self.x.mul_(torch.from_numpy(mul).to(self.dev).view(-1, 1, 1, 1))
+        add = np.where(d.run, np.asarray(add, np.float64), 0.)
+        mul = np.where(d.run, np.asarray(mul, np.float64), 1.)
+        m, b = self.light if self.light is not None else (np.ones(self.n), np.zeros(self.n))
+        self.light = (m * mul, (b + add) * mul)
 
     def _sigmoid(self, sel: np.ndarray) -> None:
         "Leave logit space (fastai's ``refresh``): the whole batch, at the first pixel op or at the end."
-        if self.in_logit.any():
-            self.x = self.x.sigmoid_()
-            self.in_logit[:] = False
+        if self.light is None:
+            return
+        (m, b), self.light = self.light, None
+        x = self.x.logit_(LOGIT_EPS) if self.owned else torch.logit(self.x, LOGIT_EPS)   # fastai's logit_ clamp
+        if (m != 1).any():
+            x.mul_(torch.from_numpy(m.astype(np.float32)).to(self.dev).view(-1, 1, 1, 1))
+        if (b != 0).any():
+            x.add_(torch.from_numpy(b.astype(np.float32)).to(self.dev).view(-1, 1, 1, 1))
+        self.x, self.owned = x.sigmoid_(), True
 
     def _crop(self, d: Drawn) -> None:
         "fastai's ``crop_pad`` (size, padding_mode from the engine; row_pct/col_pct per item)."
